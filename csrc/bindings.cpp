@@ -1,0 +1,172 @@
+// The Python face of the writer: pulls (name, tensor) items from a Python
+// iterator, hands each tensor to the TensorWriter with the GIL released,
+// and turns our typed C++ errors into the matching Python exceptions.
+// Translation only: every check on tensors and metadata lives below.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "dtype.h"
+#include "errors.h"
+#include "tensor_writer.h"
+#include "torch_dtype.h"
+
+namespace py = pybind11;
+
+namespace trinity_stream_saver {
+namespace {
+
+using MetaRow = std::tuple<std::string, std::string, std::vector<std::int64_t>>;
+
+// Raises KeyboardInterrupt (or whatever a signal handler raised) in C++ form.
+void raise_pending_signals() {
+  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
+std::string short_repr(py::handle object) {
+  std::string text = py::repr(object).cast<std::string>();
+  if (text.size() > 80) text = text.substr(0, 77) + "...";
+  return text;
+}
+
+std::string type_name(py::handle object) {
+  return py::str(reinterpret_cast<PyObject*>(Py_TYPE(object.ptr()))).cast<std::string>();
+}
+
+// Takes the name and tensor out of one item; the caller drops the item.
+void unpack_item(py::handle item, std::size_t index, std::string* name,
+                 at::Tensor* tensor) {
+  const std::string position = "item " + std::to_string(index);
+  if (!(PyTuple_Check(item.ptr()) || PyList_Check(item.ptr())) ||
+      PySequence_Size(item.ptr()) != 2) {
+    throw TypeError("tensor_iter must yield (name, tensor) pairs, but " + position +
+                    " is " + type_name(item) + " " + short_repr(item) + ".");
+  }
+  py::object key = py::reinterpret_steal<py::object>(PySequence_GetItem(item.ptr(), 0));
+  py::object value = py::reinterpret_steal<py::object>(PySequence_GetItem(item.ptr(), 1));
+  if (!key || !value) throw py::error_already_set();
+  if (!PyUnicode_Check(key.ptr())) {
+    throw TypeError("tensor_iter must yield (name, tensor) pairs with a str name, but " +
+                    position + " has a name of " + type_name(key) + " " +
+                    short_repr(key) + ".");
+  }
+  *name = key.cast<std::string>();
+  if (!THPVariable_Check(value.ptr())) {
+    throw TypeError("tensor_iter must yield (name, tensor) pairs, but " + position +
+                    " ('" + *name + "') holds " + type_name(value) +
+                    " instead of a torch.Tensor.");
+  }
+  *tensor = THPVariable_Unpack(value.ptr());
+}
+
+void save(py::handle tensor_iter, const std::string& temp_path,
+          const std::optional<std::string>& destination,
+          const std::vector<MetaRow>& meta_rows, Metadata metadata) {
+  std::vector<TensorMeta> meta;
+  meta.reserve(meta_rows.size());
+  for (const auto& [name, dtype, shape] : meta_rows) meta.push_back({name, dtype, shape});
+
+  py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(tensor_iter.ptr()));
+  if (!iterator) throw py::error_already_set();
+
+  // Between chunks of a large tensor the GIL is released; take it back
+  // briefly so that Ctrl-C stops a multi-GB write within a chunk's time.
+  auto between_chunks = [] {
+    py::gil_scoped_acquire gil;
+    raise_pending_signals();
+  };
+  std::optional<TensorWriter> writer;
+  {
+    py::gil_scoped_release nogil;
+    writer.emplace(temp_path, meta, std::move(metadata), between_chunks);
+  }
+
+  for (std::size_t index = 0;; ++index) {
+    raise_pending_signals();
+    std::string name;
+    at::Tensor tensor;
+    {
+      // Our references to the item and its tensor must be gone before the
+      // iterator is asked for the next one, or two tensors are alive at
+      // once; so the item lives only in this scope, and the tensor is reset
+      // below before the loop comes back to PyIter_Next.
+      py::object item = py::reinterpret_steal<py::object>(PyIter_Next(iterator.ptr()));
+      if (!item) {
+        if (PyErr_Occurred()) throw py::error_already_set();
+        break;
+      }
+      unpack_item(item, index, &name, &tensor);
+    }
+    {
+      py::gil_scoped_release nogil;
+      writer->write(name, tensor);
+    }
+    // Dropped with the GIL held: this may free the Python tensor object.
+    tensor.reset();
+  }
+
+  py::gil_scoped_release nogil;
+  if (destination) {
+    writer->close_and_rename(*destination);
+  } else {
+    writer->close_and_keep();
+  }
+}
+
+std::optional<std::string> safetensors_dtype(at::ScalarType scalar_type) {
+  const std::optional<TorchDtype> dtype = find_torch_dtype(scalar_type);
+  if (!dtype) return std::nullopt;
+  return std::string(dtype->dtype.name);
+}
+
+std::vector<std::string> supported_dtype_list() {
+  std::vector<std::string> names;
+  for (const Dtype& dtype : supported_dtypes()) names.emplace_back(dtype.name);
+  return names;
+}
+
+void translate_errors(std::exception_ptr error) {
+  try {
+    if (error) std::rethrow_exception(error);
+  } catch (const TypeError& e) {
+    PyErr_SetString(PyExc_TypeError, e.what());
+  } catch (const ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const OsError& e) {
+    // OSError(errno, strerror, filename) picks the subclass for errno
+    // (FileNotFoundError, PermissionError, ...) and shows the filename.
+    py::object filename = py::reinterpret_steal<py::object>(
+        PyUnicode_DecodeFSDefaultAndSize(e.path().data(), e.path().size()));
+    py::object exception = py::reinterpret_steal<py::object>(PyObject_CallFunction(
+        PyExc_OSError, "isO", e.error_number(), e.reason().c_str(), filename.ptr()));
+    if (exception) {
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exception.ptr())), exception.ptr());
+    }
+  }
+}
+
+}  // namespace
+}  // namespace trinity_stream_saver
+
+PYBIND11_MODULE(_C, m) {
+  namespace tss = trinity_stream_saver;
+  m.doc() = "C++ core of trinity_stream_saver; use the Python package's API.";
+  py::register_exception_translator(&tss::translate_errors);
+  m.def("save", &tss::save, py::arg("tensor_iter"), py::arg("temp_path"),
+        py::arg("destination"), py::arg("meta"), py::arg("metadata"),
+        "Streams (name, tensor) items into temp_path; renames it to destination "
+        "unless destination is None.");
+  m.def("safetensors_dtype", &tss::safetensors_dtype, py::arg("dtype"),
+        "The safetensors dtype name for a torch.dtype, or None if it cannot be saved.");
+  m.def("supported_dtypes", &tss::supported_dtype_list,
+        "The safetensors dtype names this library writes.");
+  m.attr("MAX_HEADER_BYTES") = tss::kMaxHeaderBytes;
+  m.attr("CHUNK_BYTES") = tss::TensorWriter::kChunkBytes;
+}

@@ -1,0 +1,59 @@
+// A new file written through a POSIX descriptor, removed again unless it is
+// finished. Modelled on LevelDB's PosixWritableFile: small appends are
+// gathered in a buffer, large ones go straight from the caller's memory.
+// Knows nothing of torch or Python.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace trinity_stream_saver {
+
+class FileSink final {
+ public:
+  // Appends smaller than this are copied into the buffer so that many small
+  // tensors cost one system call, not one each.
+  static constexpr std::size_t kBufferBytes = std::size_t{4} << 20;
+
+  // Creates `path` (replacing a stale file of that name), mode 0666 less the
+  // umask, as Python's open(path, "wb") does. Throws OsError.
+  explicit FileSink(std::string path);
+
+  // A sink destroyed before close_and_rename() or close_and_keep() closes
+  // and removes its file: a failed save leaves nothing behind.
+  ~FileSink();
+
+  FileSink(const FileSink&) = delete;
+  FileSink& operator=(const FileSink&) = delete;
+
+  // Moves the append position to `offset` (leaving a hole to fill later).
+  void seek(std::uint64_t offset);
+
+  void append(const void* data, std::size_t size);
+
+  // Writes at an absolute offset, after everything appended so far.
+  void write_at(std::uint64_t offset, const void* data, std::size_t size);
+
+  // Closes the file and atomically renames it to `destination`, replacing
+  // any file there. On failure the file is removed and OsError thrown.
+  void close_and_rename(const std::string& destination);
+
+  // Closes the file and leaves it at path() for the caller to finish.
+  void close_and_keep();
+
+  const std::string& path() const noexcept { return path_; }
+
+ private:
+  void flush();
+  void close_or_throw();
+
+  const std::string path_;
+  int fd_ = -1;
+  bool finished_ = false;
+  std::unique_ptr<char[]> buffer_;  // allocated on the first small append
+  std::size_t buffered_ = 0;
+};
+
+}  // namespace trinity_stream_saver

@@ -1,0 +1,30 @@
+// Write loops over POSIX descriptors that finish the job: a write may be
+// short or interrupted by a signal (EINTR), and only a real error stops it.
+// Nothing here knows about torch or Python.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace trinity_stream_saver {
+
+// The system calls, as parameters so that tests can feed the loops short
+// writes and EINTR on demand.
+using WriteFn = ssize_t (*)(int fd, const void* data, std::size_t size);
+using PwriteFn = ssize_t (*)(int fd, const void* data, std::size_t size,
+                             off_t offset);
+
+// Writes all `size` bytes at the descriptor's position, or throws OsError
+// naming `path`.
+void write_all(int fd, const void* data, std::size_t size,
+               const std::string& path, WriteFn write_fn = nullptr);
+
+// Writes all `size` bytes at `offset`, or throws OsError naming `path`.
+void pwrite_all(int fd, const void* data, std::size_t size,
+                std::uint64_t offset, const std::string& path,
+                PwriteFn pwrite_fn = nullptr);
+
+}  // namespace trinity_stream_saver

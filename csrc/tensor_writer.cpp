@@ -1,0 +1,252 @@
+#include "tensor_writer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <algorithm>
+#include <bit>
+#include <unordered_set>
+
+#include "errors.h"
+
+namespace trinity_stream_saver {
+
+static_assert(std::endian::native == std::endian::little,
+              "safetensors stores little-endian data; writing raw tensor "
+              "memory is only correct on a little-endian host");
+
+namespace {
+
+// The integer dtype as wide as one element of a tensor (1, 2, 4 or 8 bytes).
+c10::ScalarType same_width_integer(std::size_t element_size) {
+  switch (element_size) {
+    case 1: return c10::ScalarType::Byte;
+    case 2: return c10::ScalarType::Short;
+    case 4: return c10::ScalarType::Int;
+    default: return c10::ScalarType::Long;
+  }
+}
+
+std::string quoted(const std::string& name) { return "'" + name + "'"; }
+
+void check_name(const std::string& name,
+                const std::unordered_set<std::string>& seen,
+                const char* where) {
+  if (name == kMetadataKey) {
+    throw ValueError(std::string(where) + ": the name '__metadata__' is reserved " +
+                     "by safetensors for the file's metadata; rename the tensor.");
+  }
+  if (seen.count(name) != 0) {
+    throw ValueError(std::string(where) + ": duplicate tensor name " + quoted(name) +
+                     "; every tensor in a safetensors file needs a unique name.");
+  }
+}
+
+std::string unsupported_dtype(const std::string& where, const std::string& dtype) {
+  return where + " has dtype " + dtype +
+         ", which safetensors cannot store. Supported safetensors dtypes: " +
+         supported_dtype_names() + ". Convert the tensor (e.g. .to(torch.float32)).";
+}
+
+// The header entry and size of one state_dict_meta row, laid out at `begin`.
+std::string meta_entry(const TensorMeta& meta, std::uint64_t begin,
+                       std::uint64_t* end) {
+  const std::string where = "state_dict_meta entry " + quoted(meta.name);
+  const std::optional<TorchDtype> dtype = find_torch_dtype(meta.dtype);
+  if (!dtype) throw ValueError(unsupported_dtype(where, meta.dtype));
+  std::uint64_t items = 1;
+  for (const std::int64_t dim : meta.shape) {
+    if (dim < 0) {
+      throw ValueError(where + " has a negative dimension in its shape; " +
+                       "shapes must be non-negative integers.");
+    }
+    if (__builtin_mul_overflow(items, static_cast<std::uint64_t>(dim), &items)) {
+      throw ValueError(where + " has a shape too large to store.");
+    }
+  }
+  const std::optional<std::vector<std::int64_t>> shape =
+      header_shape(*dtype, meta.shape);
+  if (!shape) {
+    throw ValueError(where + ": a 0-dim tensor of packed dtype " + meta.dtype +
+                     " cannot be stored; give it at least one dimension.");
+  }
+  const std::optional<std::uint64_t> bytes =
+      byte_size(dtype->dtype, items * dtype->elements_per_item);
+  if (!bytes || __builtin_add_overflow(begin, *bytes, end)) {
+    throw ValueError(where + " has a shape too large to store.");
+  }
+  return tensor_entry(meta.name, dtype->dtype, *shape, begin, *end);
+}
+
+// N, computed from the metadata alone: the header it describes, with
+// entries and offsets laid out in meta order, rounded up to 8 bytes.
+std::uint64_t reserve_header(const std::vector<TensorMeta>& meta,
+                             const Metadata& metadata) {
+  HeaderJson json;
+  if (!metadata.empty()) json.append(metadata_entry(metadata));
+  std::unordered_set<std::string> names;
+  std::uint64_t offset = 0;
+  for (const TensorMeta& entry : meta) {
+    check_name(entry.name, names, "state_dict_meta");
+    names.insert(entry.name);
+    std::uint64_t end = 0;
+    json.append(meta_entry(entry, offset, &end));
+    offset = end;
+  }
+  const std::uint64_t reserved = padded_header_size(json.size());
+  if (reserved > kMaxHeaderBytes) {
+    throw ValueError("the header described by state_dict_meta would take " +
+                     std::to_string(reserved) + " bytes, more than the " +
+                     std::to_string(kMaxHeaderBytes) +
+                     " bytes safetensors can read; split the checkpoint into "
+                     "several files.");
+  }
+  return reserved;
+}
+
+}  // namespace
+
+TensorWriter::TensorWriter(std::string path, const std::vector<TensorMeta>& meta,
+                           Metadata metadata, std::function<void()> between_chunks)
+    : reserved_(reserve_header(meta, metadata)),
+      sink_(std::move(path)),
+      between_chunks_(std::move(between_chunks)) {
+  if (!metadata.empty()) header_.append(metadata_entry(metadata));
+  sink_.seek(8 + reserved_);
+}
+
+TorchDtype TensorWriter::check_tensor(const std::string& name,
+                                      const at::Tensor& tensor) const {
+  const std::string where = "tensor " + quoted(name);
+  check_name(name, names_, where.c_str());
+  if (!tensor.defined()) {
+    throw ValueError(where + " is an undefined tensor; yield a real tensor.");
+  }
+  if (tensor.layout() != c10::kStrided) {
+    throw ValueError(where + " has layout " + c10::toString(tensor.layout()) +
+                     "; safetensors stores dense tensors only. Convert it with "
+                     ".to_dense() first.");
+  }
+  if (!tensor.device().is_cpu()) {
+    throw ValueError(where + " is on device " + tensor.device().str() +
+                     "; move it to CPU first (e.g. tensor.cpu()).");
+  }
+  if (tensor.is_quantized()) {
+    throw ValueError(where + " is quantized; safetensors stores plain dtypes "
+                     "only. Dequantize it (tensor.dequantize()) first.");
+  }
+  if (!tensor.has_storage()) {
+    throw ValueError(where + " has no storage of its own (a tensor subclass "
+                     "such as DTensor?); pass a plain CPU tensor, e.g. "
+                     ".full_tensor() or .to_local().");
+  }
+  const std::optional<TorchDtype> dtype = find_torch_dtype(tensor.scalar_type());
+  if (!dtype) {
+    throw ValueError(unsupported_dtype(where, c10::toString(tensor.scalar_type())));
+  }
+  return *dtype;
+}
+
+void TensorWriter::write(const std::string& name, const at::Tensor& tensor) {
+  const TorchDtype dtype = check_tensor(name, tensor);
+  const std::optional<std::vector<std::int64_t>> shape =
+      header_shape(dtype, tensor.sizes());
+  if (!shape) {
+    throw ValueError("tensor " + quoted(name) + ": a 0-dim tensor of dtype " +
+                     c10::toString(tensor.scalar_type()) +
+                     " cannot be stored; give it at least one dimension.");
+  }
+  const std::uint64_t bytes =
+      static_cast<std::uint64_t>(tensor.numel()) * tensor.element_size();
+  std::string entry =
+      tensor_entry(name, dtype.dtype, *shape, data_size_, data_size_ + bytes);
+  if (header_.size_with(entry) > reserved_) {
+    throw ValueError(
+        "tensor " + quoted(name) + " does not fit in the header reserved from " +
+        "state_dict_meta (" + std::to_string(reserved_) + " bytes): " +
+        "state_dict_meta does not describe the tensors being saved. Pass " +
+        "metadata for exactly the tensors the iterator yields (e.g. from " +
+        "collect_state_dict_meta).");
+  }
+
+  // Autograd must not record the staging copies (nor keep the tensor alive
+  // through a graph).
+  const at::NoGradGuard no_grad;
+  if (bytes != 0) {
+    if (tensor.is_contiguous() && !tensor.is_conj() && !tensor.is_neg()) {
+      write_contiguous(tensor);
+    } else {
+      write_strided(tensor);
+    }
+  }
+  data_size_ += bytes;
+  header_.append(std::move(entry));
+  names_.insert(name);
+}
+
+void TensorWriter::write_contiguous(const at::Tensor& tensor) {
+  const char* data = static_cast<const char*>(tensor.const_data_ptr());
+  const std::size_t size = tensor.numel() * tensor.element_size();
+  for (std::size_t done = 0; done < size; done += kChunkBytes) {
+    if (done != 0 && between_chunks_) between_chunks_();
+    sink_.append(data + done, std::min(kChunkBytes, size - done));
+  }
+}
+
+// Puts the tensor in C order piece by piece through the staging buffer:
+// whole runs of rows when a row fits the buffer, otherwise row by row.
+void TensorWriter::write_strided(const at::Tensor& view) {
+  const std::size_t size = view.numel() * view.element_size();
+  if (size <= kChunkBytes) {
+    stage_and_append(view);
+    return;
+  }
+  const std::int64_t rows = view.size(0);
+  const std::size_t row_size = size / rows;
+  const std::int64_t rows_per_chunk =
+      std::max<std::int64_t>(1, static_cast<std::int64_t>(kChunkBytes / row_size));
+  for (std::int64_t row = 0; row < rows; row += rows_per_chunk) {
+    if (row != 0 && between_chunks_) between_chunks_();
+    const at::Tensor part = view.narrow(0, row, std::min(rows_per_chunk, rows - row));
+    if (row_size > kChunkBytes) {
+      write_strided(part.select(0, 0));
+    } else {
+      stage_and_append(part);
+    }
+  }
+}
+
+void TensorWriter::stage_and_append(const at::Tensor& view) {
+  const std::int64_t size = view.numel() * view.element_size();
+  if (!staging_.defined() || staging_.numel() < size) {
+    staging_ = at::empty({size}, at::TensorOptions().dtype(at::kByte));
+  }
+  at::Tensor source = view;
+  at::Tensor target = staging_.narrow(0, 0, size);
+  // Copy as same-width integers: a bit-exact copy that needs no copy kernel
+  // for exotic dtypes (float8, float4). Lazily conjugated or negated views
+  // need torch's own copy, which applies the conjugation.
+  if (!view.is_conj() && !view.is_neg()) {
+    source = view.view(same_width_integer(view.element_size()));
+  }
+  target = target.view(source.scalar_type()).view(source.sizes());
+  target.copy_(source);
+  sink_.append(staging_.const_data_ptr(), static_cast<std::size_t>(size));
+}
+
+void TensorWriter::write_header() {
+  const std::string header = encode_header(header_.str(), reserved_);
+  sink_.write_at(0, header.data(), header.size());
+}
+
+void TensorWriter::close_and_rename(const std::string& destination) {
+  write_header();
+  sink_.close_and_rename(destination);
+}
+
+void TensorWriter::close_and_keep() {
+  write_header();
+  sink_.close_and_keep();
+}
+
+}  // namespace trinity_stream_saver

@@ -1,0 +1,75 @@
+// Streams tensors into a safetensors file whose header space was reserved
+// up front from the caller's metadata, then writes the header last. Knows
+// torch tensors and the file format; knows nothing of Python.
+//
+// Why the header is sized before the data: the file must be written in one
+// pass without holding more than one tensor, and the data offsets depend on
+// where the data starts. Reserving exactly the header that state_dict_meta
+// describes (rounded up to 8, as safetensors pads) makes our file
+// byte-identical to the pure-Python saver's.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include "file_sink.h"
+#include "header.h"
+#include "torch_dtype.h"
+
+namespace trinity_stream_saver {
+
+// One entry of state_dict_meta: a safetensors dtype name and the tensor's
+// torch shape.
+struct TensorMeta {
+  std::string name;
+  std::string dtype;
+  std::vector<std::int64_t> shape;
+};
+
+class TensorWriter final {
+ public:
+  // Large tensors are written in pieces of this size, with `between_chunks`
+  // called between pieces (where the bindings check for Ctrl-C); the same
+  // size bounds the buffer that puts a non-contiguous tensor in C order.
+  static constexpr std::size_t kChunkBytes = std::size_t{64} << 20;
+
+  // Validates `meta` and `metadata`, reserves the header they describe and
+  // creates `path`. Throws ValueError for bad metadata (before creating any
+  // file), OsError if the file cannot be created.
+  TensorWriter(std::string path, const std::vector<TensorMeta>& meta,
+               Metadata metadata, std::function<void()> between_chunks = {});
+
+  // Checks `tensor` and appends its bytes in C order straight from its
+  // memory. Throws ValueError naming the tensor if it cannot be saved.
+  void write(const std::string& name, const at::Tensor& tensor);
+
+  // Writes the header, closes the file and renames it to `destination`.
+  void close_and_rename(const std::string& destination);
+  // Writes the header and closes the file, leaving it at its temporary path.
+  void close_and_keep();
+
+  // N: the header length reserved in the file.
+  std::uint64_t reserved_header_size() const noexcept { return reserved_; }
+
+ private:
+  TorchDtype check_tensor(const std::string& name, const at::Tensor& tensor) const;
+  void write_contiguous(const at::Tensor& tensor);
+  void write_strided(const at::Tensor& view);
+  void stage_and_append(const at::Tensor& view);
+  void write_header();
+
+  const std::uint64_t reserved_;
+  FileSink sink_;
+  HeaderJson header_;
+  std::unordered_set<std::string> names_;
+  std::uint64_t data_size_ = 0;
+  at::Tensor staging_;  // reused between non-contiguous tensors
+  const std::function<void()> between_chunks_;
+};
+
+}  // namespace trinity_stream_saver

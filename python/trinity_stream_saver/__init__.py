@@ -1,0 +1,202 @@
+"""Stream a safetensors checkpoint to disk one tensor at a time.
+
+A drop-in replacement for ``trinity.utils.stream_saver``: the same
+signatures, byte-identical files, written from a C++ core straight from
+tensor memory. This module only normalises arguments; the checks and the
+writing happen in ``trinity_stream_saver._C``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from . import _C
+
+__all__ = [
+    "TensorMeta",
+    "StateDictMeta",
+    "collect_state_dict_meta",
+    "save_safetensors_streaming",
+]
+
+
+class TensorMeta(NamedTuple):
+    """Metadata for a single tensor, sufficient to compute its header entry."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+StateDictMeta = list[TensorMeta]
+
+_SUPPORTED_DTYPES = frozenset(_C.supported_dtypes())
+
+
+def _unsupported_dtype(name: object, dtype: object) -> ValueError:
+    return ValueError(
+        f"state_dict_meta entry {name!r} has dtype {dtype!r}, which cannot be "
+        f"saved. Use a torch.dtype, its name (e.g. 'bfloat16') or a safetensors "
+        f"dtype: {', '.join(_C.supported_dtypes())}."
+    )
+
+
+def _safetensors_dtype(name: object, dtype: object) -> str:
+    """The safetensors name of a dtype given as "BF16", torch.bfloat16,
+    "bfloat16" or "torch.bfloat16"."""
+    if isinstance(dtype, str):
+        if dtype in _SUPPORTED_DTYPES:
+            return dtype
+        torch_dtype = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise _unsupported_dtype(name, dtype)
+        dtype = torch_dtype
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"state_dict_meta entry {name!r} has a dtype of type "
+            f"{type(dtype).__name__}; expected a str or a torch.dtype."
+        )
+    safetensors_name = _C.safetensors_dtype(dtype)
+    if safetensors_name is None:
+        raise _unsupported_dtype(name, dtype)
+    return safetensors_name
+
+
+def _shape(name: str, shape: object) -> list[int]:
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)):
+        raise TypeError(
+            f"state_dict_meta entry {name!r} has a shape of type "
+            f"{type(shape).__name__}; expected a sequence of ints."
+        )
+    dims = []
+    for dim in shape:
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(
+                f"state_dict_meta entry {name!r} has shape {shape!r}; every "
+                f"dimension must be an int."
+            )
+        if dim < 0:
+            raise ValueError(
+                f"state_dict_meta entry {name!r} has shape {list(shape)!r}; "
+                f"dimensions must not be negative."
+            )
+        dims.append(dim)
+    return dims
+
+
+def _normalise_meta(state_dict_meta: object) -> list[tuple[str, str, list[int]]]:
+    if isinstance(state_dict_meta, (str, bytes, Mapping)) or not isinstance(
+        state_dict_meta, Iterable
+    ):
+        raise TypeError(
+            "state_dict_meta must be a list of TensorMeta or (name, dtype, shape) "
+            f"tuples, not {type(state_dict_meta).__name__}."
+        )
+    rows = []
+    for entry in state_dict_meta:
+        if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+            raise TypeError(
+                "state_dict_meta entries must be TensorMeta or (name, dtype, shape) "
+                f"tuples; got {entry!r}."
+            )
+        name, dtype, shape = entry
+        if not isinstance(name, str):
+            raise TypeError(
+                f"state_dict_meta entry {entry!r} has a name of type "
+                f"{type(name).__name__}; expected a str."
+            )
+        rows.append((name, _safetensors_dtype(name, dtype), _shape(name, shape)))
+    return rows
+
+
+def _reject_mapping(tensor_iter: object) -> None:
+    # Iterating a dict yields its keys, which would fail on the first item
+    # with a less helpful message.
+    if isinstance(tensor_iter, Mapping):
+        raise TypeError(
+            "tensor_iter must yield (name, tensor) pairs, but a dict was passed; "
+            "pass state_dict.items() instead."
+        )
+
+
+def _normalise_metadata(metadata: object) -> list[tuple[str, str]]:
+    if metadata is None:
+        return []
+    if not isinstance(metadata, Mapping):
+        raise TypeError(
+            f"metadata must be a dict of str to str, not {type(metadata).__name__}."
+        )
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(
+                f"metadata must map str to str, but has {key!r}: {value!r}; "
+                f"convert values with str() first."
+            )
+    return list(metadata.items())
+
+
+def save_safetensors_streaming(
+    tensor_iter: Iterable[tuple[str, torch.Tensor]],
+    filepath: Union[str, os.PathLike],
+    state_dict_meta: Iterable[Union[TensorMeta, tuple]],
+    *,
+    rename: bool = True,
+    metadata: Optional[Mapping[str, str]] = None,
+) -> str:
+    """Stream-write a safetensors file, holding only one tensor in memory.
+
+    Args:
+        tensor_iter: yields ``(name, tensor)`` pairs of CPU tensors. Each
+            tensor is released before the next item is requested.
+        filepath: destination. Data goes to ``filepath + ".tmp"`` first.
+        state_dict_meta: ``(name, dtype, shape)`` for every tensor the
+            iterator yields (``TensorMeta`` or plain tuples; dtype as a
+            safetensors name, a ``torch.dtype`` or its name). The header
+            space is reserved exactly from it.
+        rename: if True, atomically replace ``filepath`` with the finished
+            file; if False, leave it at ``filepath + ".tmp"`` for the caller.
+        metadata: optional ``dict[str, str]`` stored as ``__metadata__``.
+
+    Returns:
+        ``str(filepath)`` if ``rename`` else the temporary file's path.
+
+    On any error the temporary file is removed and a file already at
+    ``filepath`` is left untouched.
+    """
+    _reject_mapping(tensor_iter)
+    path = os.fspath(filepath)
+    if not isinstance(path, str):
+        raise TypeError(f"filepath must be a str or os.PathLike of str, not {path!r}.")
+    temp_path = path + ".tmp"
+    meta = _normalise_meta(state_dict_meta)
+    extra = _normalise_metadata(metadata)
+    _C.save(
+        tensor_iter,
+        os.fsencode(temp_path),
+        os.fsencode(path) if rename else None,
+        meta,
+        extra,
+    )
+    return path if rename else temp_path
+
+
+def collect_state_dict_meta(
+    tensor_iter: Iterable[tuple[str, torch.Tensor]],
+) -> StateDictMeta:
+    """Iterate once and return the metadata of every tensor that can be saved.
+
+    Tensors of dtypes safetensors cannot store are skipped. No tensor is
+    held after its entry is made.
+    """
+    _reject_mapping(tensor_iter)
+    meta: StateDictMeta = []
+    for name, tensor in tensor_iter:
+        dtype = _C.safetensors_dtype(tensor.dtype)
+        if dtype is not None:
+            meta.append(TensorMeta(name, dtype, list(tensor.shape)))
+        del tensor
+    return meta
