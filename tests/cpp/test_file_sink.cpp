@@ -1,0 +1,125 @@
+#include "file_sink.h"
+
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <string>
+
+#include "errors.h"
+#include "test_support.h"
+
+namespace trinity_stream_saver {
+namespace {
+
+using testing::exists;
+using testing::read_file;
+using testing::ScratchDir;
+using testing::write_file;
+
+TEST(FileSink, AppendsSmallAndLargePiecesInOrder) {
+  ScratchDir dir;
+  const std::string small_piece = "small";
+  const std::string large_piece(FileSink::kBufferBytes + 3, 'L');
+  const std::string middle_piece(FileSink::kBufferBytes - 2, 'm');
+  {
+    FileSink sink(dir.file("f.tmp"));
+    sink.append(small_piece.data(), small_piece.size());
+    sink.append(large_piece.data(), large_piece.size());
+    sink.append(small_piece.data(), small_piece.size());
+    sink.append(middle_piece.data(), middle_piece.size());
+    sink.append(small_piece.data(), small_piece.size());
+    sink.close_and_keep();
+  }
+  EXPECT_EQ(read_file(dir.file("f.tmp")),
+            small_piece + large_piece + small_piece + middle_piece + small_piece);
+}
+
+TEST(FileSink, WriteAtFillsAHoleLeftBySeek) {
+  ScratchDir dir;
+  {
+    FileSink sink(dir.file("f.tmp"));
+    sink.seek(4);
+    sink.append("data", 4);
+    sink.write_at(0, "head", 4);
+    sink.close_and_keep();
+  }
+  EXPECT_EQ(read_file(dir.file("f.tmp")), "headdata");
+}
+
+TEST(FileSink, CloseAndRenameReplacesTheDestination) {
+  ScratchDir dir;
+  write_file(dir.file("f"), "old contents");
+  {
+    FileSink sink(dir.file("f.tmp"));
+    sink.append("new", 3);
+    sink.close_and_rename(dir.file("f"));
+  }
+  EXPECT_EQ(read_file(dir.file("f")), "new");
+  EXPECT_FALSE(exists(dir.file("f.tmp")));
+}
+
+TEST(FileSink, ReplacesAStaleTemporaryFile) {
+  ScratchDir dir;
+  write_file(dir.file("f.tmp"), "stale debris from a killed save");
+  {
+    FileSink sink(dir.file("f.tmp"));
+    sink.append("new", 3);
+    sink.close_and_keep();
+  }
+  EXPECT_EQ(read_file(dir.file("f.tmp")), "new");
+}
+
+TEST(FileSink, DestroyedUnfinishedRemovesItsFile) {
+  ScratchDir dir;
+  {
+    FileSink sink(dir.file("f.tmp"));
+    sink.append("partial", 7);
+    ASSERT_TRUE(exists(dir.file("f.tmp")));
+  }
+  EXPECT_FALSE(exists(dir.file("f.tmp")));
+}
+
+TEST(FileSink, FailedRenameRemovesTheTemporaryFileAndKeepsTheDestination) {
+  ScratchDir dir;
+  ASSERT_EQ(::mkdir(dir.file("dest").c_str(), 0755), 0);
+  write_file(dir.file("dest/inner"), "keep me");
+  try {
+    FileSink sink(dir.file("f.tmp"));
+    sink.append("new", 3);
+    sink.close_and_rename(dir.file("dest"));
+    FAIL() << "renaming a file over a non-empty directory must fail";
+  } catch (const OsError& error) {
+    EXPECT_EQ(error.path(), dir.file("dest"));
+  }
+  EXPECT_FALSE(exists(dir.file("f.tmp")));
+  EXPECT_EQ(read_file(dir.file("dest/inner")), "keep me");
+}
+
+TEST(FileSink, MissingDirectoryIsAnOsErrorNamingThePath) {
+  ScratchDir dir;
+  const std::string path = dir.file("missing/f.tmp");
+  try {
+    FileSink sink(path);
+    FAIL() << "expected OsError";
+  } catch (const OsError& error) {
+    EXPECT_EQ(error.error_number(), ENOENT);
+    EXPECT_EQ(error.path(), path);
+  }
+}
+
+TEST(FileSink, CreatesFilesWithTheUmaskApplied) {
+  ScratchDir dir;
+  const mode_t previous = ::umask(022);
+  {
+    FileSink sink(dir.file("f.tmp"));
+    sink.close_and_keep();
+  }
+  ::umask(previous);
+  struct stat info {};
+  ASSERT_EQ(::stat(dir.file("f.tmp").c_str(), &info), 0);
+  EXPECT_EQ(info.st_mode & 0777, 0644u);
+}
+
+}  // namespace
+}  // namespace trinity_stream_saver

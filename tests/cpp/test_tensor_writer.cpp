@@ -1,0 +1,207 @@
+#include "tensor_writer.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "errors.h"
+#include "test_support.h"
+
+namespace trinity_stream_saver {
+namespace {
+
+using testing::exists;
+using testing::read_file;
+using testing::ScratchDir;
+using testing::write_file;
+
+std::string bytes_of(const at::Tensor& tensor) {
+  const at::Tensor contiguous = tensor.contiguous();
+  return std::string(static_cast<const char*>(contiguous.const_data_ptr()),
+                     contiguous.numel() * contiguous.element_size());
+}
+
+// The message of the ValueError that `action` throws, or "" if none.
+template <typename Action>
+std::string value_error(Action action) {
+  try {
+    action();
+  } catch (const ValueError& error) {
+    return error.what();
+  }
+  return "";
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+TEST(TensorWriter, WritesTheExactFile) {
+  ScratchDir dir;
+  const at::Tensor a = at::arange(6, at::kShort).reshape({2, 3});
+  const at::Tensor b = at::tensor({1.5}, at::kFloat).reshape({});
+  {
+    TensorWriter writer(dir.file("f.tmp"), {{"a", "I16", {2, 3}}, {"b", "F32", {}}}, {});
+    writer.write("a", a);
+    writer.write("b", b);
+    writer.close_and_rename(dir.file("f"));
+  }
+  const std::string json =
+      R"({"a":{"dtype":"I16","shape":[2,3],"data_offsets":[0,12]},)"
+      R"("b":{"dtype":"F32","shape":[],"data_offsets":[12,16]}})";
+  const std::size_t reserved = (json.size() + 7) / 8 * 8;
+  std::string expected(8, '\0');
+  expected[0] = static_cast<char>(reserved);
+  expected += json + std::string(reserved - json.size(), ' ') + bytes_of(a) + bytes_of(b);
+  EXPECT_EQ(read_file(dir.file("f")), expected);
+  EXPECT_FALSE(exists(dir.file("f.tmp")));
+}
+
+TEST(TensorWriter, ReservesTheHeaderTheMetadataDescribes) {
+  ScratchDir dir;
+  // {"__metadata__":{"k":"v"},"w":{"dtype":"BF16","shape":[4,8],"data_offsets":[0,64]}}
+  const std::string json =
+      R"({"__metadata__":{"k":"v"},"w":{"dtype":"BF16","shape":[4,8],"data_offsets":[0,64]}})";
+  TensorWriter writer(dir.file("f.tmp"), {{"w", "BF16", {4, 8}}}, {{"k", "v"}});
+  EXPECT_EQ(writer.reserved_header_size(), (json.size() + 7) / 8 * 8);
+}
+
+TEST(TensorWriter, WritesNonContiguousTensorsInCOrder) {
+  ScratchDir dir;
+  const at::Tensor base = at::arange(24, at::kInt).reshape({2, 3, 4});
+  const std::vector<at::Tensor> views{
+      base.transpose(0, 2), base.slice(2, 0, 4, 2), at::arange(3, at::kInt).expand({4, 3})};
+  std::vector<TensorMeta> meta;
+  for (std::size_t i = 0; i < views.size(); ++i) {
+    meta.push_back({"v" + std::to_string(i), "I32", views[i].sizes().vec()});
+  }
+  {
+    TensorWriter writer(dir.file("f.tmp"), meta, {});
+    for (std::size_t i = 0; i < views.size(); ++i) writer.write(meta[i].name, views[i]);
+    writer.close_and_keep();
+  }
+  const std::string file = read_file(dir.file("f.tmp"));
+  std::string data;
+  for (const at::Tensor& view : views) data += bytes_of(view);
+  EXPECT_EQ(file.substr(file.size() - data.size()), data);
+}
+
+TEST(TensorWriter, WritesALargeNonContiguousTensorInBoundedPieces) {
+  ScratchDir dir;
+  // 80 MiB transposed: more than one staging buffer, rows copied in runs.
+  const at::Tensor base = at::randint(0, 255, {1024, 80 * 1024}, at::kByte);
+  const at::Tensor view = base.t();
+  int chunk_calls = 0;
+  {
+    TensorWriter writer(dir.file("f.tmp"), {{"t", "U8", view.sizes().vec()}}, {},
+                        [&] { ++chunk_calls; });
+    writer.write("t", view);
+    writer.close_and_keep();
+  }
+  EXPECT_GE(chunk_calls, 1);
+  const std::string file = read_file(dir.file("f.tmp"));
+  const std::string data = bytes_of(view);
+  EXPECT_TRUE(file.compare(file.size() - data.size(), data.size(), data) == 0);
+}
+
+TEST(TensorWriter, CallsBackBetweenChunksOfALargeContiguousTensor) {
+  ScratchDir dir;
+  const at::Tensor big = at::zeros({static_cast<std::int64_t>(TensorWriter::kChunkBytes) * 2 + 1},
+                                   at::kByte);
+  int chunk_calls = 0;
+  TensorWriter writer(dir.file("f.tmp"), {{"big", "U8", big.sizes().vec()}}, {},
+                      [&] { ++chunk_calls; });
+  writer.write("big", big);
+  EXPECT_EQ(chunk_calls, 2);
+}
+
+TEST(TensorWriter, AnExceptionBetweenChunksAbandonsTheFile) {
+  ScratchDir dir;
+  const at::Tensor big =
+      at::zeros({static_cast<std::int64_t>(TensorWriter::kChunkBytes) + 1}, at::kByte);
+  struct Interrupted {};
+  {
+    TensorWriter writer(dir.file("f.tmp"), {{"big", "U8", big.sizes().vec()}}, {},
+                        [] { throw Interrupted{}; });
+    EXPECT_THROW(writer.write("big", big), Interrupted);
+  }
+  EXPECT_FALSE(exists(dir.file("f.tmp")));
+}
+
+TEST(TensorWriter, DestroyedUnfinishedRemovesItsTemporaryFile) {
+  ScratchDir dir;
+  write_file(dir.file("f"), "previous checkpoint");
+  {
+    TensorWriter writer(dir.file("f.tmp"), {{"a", "F32", {2}}}, {});
+    writer.write("a", at::ones({2}));
+    ASSERT_TRUE(exists(dir.file("f.tmp")));
+  }
+  EXPECT_FALSE(exists(dir.file("f.tmp")));
+  EXPECT_EQ(read_file(dir.file("f")), "previous checkpoint");
+}
+
+TEST(TensorWriter, RejectsATensorThatOverflowsTheReservedHeader) {
+  ScratchDir dir;
+  TensorWriter writer(dir.file("f.tmp"), {{"a", "F32", {1}}}, {});
+  writer.write("a", at::ones({1}));
+  const std::string message = value_error([&] { writer.write("much_longer_name", at::ones({1})); });
+  EXPECT_TRUE(contains(message, "'much_longer_name'")) << message;
+  EXPECT_TRUE(contains(message, "does not describe")) << message;
+}
+
+TEST(TensorWriter, RejectsDuplicateAndReservedNames) {
+  ScratchDir dir;
+  TensorWriter writer(dir.file("f.tmp"), {{"a", "F32", {1}}, {"b", "F32", {1}}}, {});
+  writer.write("a", at::ones({1}));
+  EXPECT_TRUE(contains(value_error([&] { writer.write("a", at::ones({1})); }), "duplicate"));
+  EXPECT_TRUE(contains(value_error([&] { writer.write("__metadata__", at::ones({1})); }),
+                       "reserved"));
+}
+
+TEST(TensorWriter, RejectsUnsupportedTensors) {
+  ScratchDir dir;
+  TensorWriter writer(dir.file("f.tmp"), {{"a", "F32", {1}}}, {});
+  const std::string dtype = value_error([&] { writer.write("c", at::ones({1}, at::kComplexDouble)); });
+  EXPECT_TRUE(contains(dtype, "'c'") && contains(dtype, "BF16")) << dtype;
+  const std::string device =
+      value_error([&] { writer.write("m", at::empty({1}, at::TensorOptions().device(at::kMeta))); });
+  EXPECT_TRUE(contains(device, "'m'") && contains(device, "meta") && contains(device, "CPU"))
+      << device;
+  const std::string sparse = value_error([&] { writer.write("s", at::ones({2, 2}).to_sparse()); });
+  EXPECT_TRUE(contains(sparse, "'s'") && contains(sparse, "to_dense")) << sparse;
+}
+
+TEST(TensorWriter, RejectsBadMetadataBeforeCreatingAFile) {
+  ScratchDir dir;
+  const std::string path = dir.file("f.tmp");
+  EXPECT_TRUE(contains(value_error([&] { TensorWriter(path, {{"a", "X9", {1}}}, {}); }), "X9"));
+  EXPECT_TRUE(contains(value_error([&] { TensorWriter(path, {{"a", "F32", {-1}}}, {}); }),
+                       "negative"));
+  EXPECT_TRUE(contains(
+      value_error([&] { TensorWriter(path, {{"a", "F32", {1}}, {"a", "F32", {1}}}, {}); }),
+      "duplicate"));
+  EXPECT_TRUE(contains(value_error([&] { TensorWriter(path, {{"a", "F4", {}}}, {}); }), "0-dim"));
+  const std::string huge_name(60'000'000, 'n');
+  EXPECT_TRUE(contains(
+      value_error([&] { TensorWriter(path, {{huge_name, "F32", {1}}, {huge_name + "2", "F32", {1}}}, {}); }),
+      "100000000"));
+  EXPECT_FALSE(exists(path));
+}
+
+TEST(TensorWriter, WritesFloat4WithTheUnpackedShape) {
+  ScratchDir dir;
+  const at::Tensor packed = at::zeros({2, 3}, at::kByte).view(at::ScalarType::Float4_e2m1fn_x2);
+  {
+    TensorWriter writer(dir.file("f.tmp"), {{"p", "F4", {2, 3}}}, {});
+    writer.write("p", packed);
+    writer.close_and_keep();
+  }
+  EXPECT_TRUE(contains(read_file(dir.file("f.tmp")),
+                       R"("p":{"dtype":"F4","shape":[2,6],"data_offsets":[0,6]})"));
+}
+
+}  // namespace
+}  // namespace trinity_stream_saver
