@@ -57,7 +57,14 @@ void unpack_item(py::handle item, std::size_t index, std::string* name,
                     position + " has a name of " + type_name(key) + " " +
                     short_repr(key) + ".");
   }
-  *name = key.cast<std::string>();
+  Py_ssize_t size = 0;
+  const char* utf8 = PyUnicode_AsUTF8AndSize(key.ptr(), &size);
+  if (utf8 == nullptr) {
+    PyErr_Clear();
+    throw ValueError("tensor_iter " + position + " has the name " + short_repr(key) +
+                     ", which is not valid Unicode (a lone surrogate?); rename the tensor.");
+  }
+  *name = std::string(utf8, static_cast<std::size_t>(size));
   if (!THPVariable_Check(value.ptr())) {
     throw TypeError("tensor_iter must yield (name, tensor) pairs, but " + position +
                     " ('" + *name + "') holds " + type_name(value) +
@@ -68,7 +75,8 @@ void unpack_item(py::handle item, std::size_t index, std::string* name,
 
 void save(py::handle tensor_iter, const std::string& temp_path,
           const std::optional<std::string>& destination,
-          const std::vector<MetaRow>& meta_rows, Metadata metadata) {
+          const std::vector<MetaRow>& meta_rows,
+          const std::optional<Metadata>& metadata) {
   std::vector<TensorMeta> meta;
   meta.reserve(meta_rows.size());
   for (const auto& [name, dtype, shape] : meta_rows) meta.push_back({name, dtype, shape});
@@ -85,7 +93,7 @@ void save(py::handle tensor_iter, const std::string& temp_path,
   std::optional<TensorWriter> writer;
   {
     py::gil_scoped_release nogil;
-    writer.emplace(temp_path, meta, std::move(metadata), between_chunks);
+    writer.emplace(temp_path, meta, metadata, between_chunks);
   }
 
   for (std::size_t index = 0;; ++index) {

@@ -38,9 +38,18 @@ std::string supported_dtype_names() {
 
 std::optional<std::uint64_t> byte_size(const Dtype& dtype,
                                        std::uint64_t element_count) {
-  const std::uint64_t bits = element_count * static_cast<std::uint64_t>(dtype.bits);
-  if (bits % 8 != 0) return std::nullopt;
-  return bits / 8;
+  if (dtype.bits % 8 == 0) {
+    std::uint64_t bytes = 0;
+    if (__builtin_mul_overflow(element_count, static_cast<std::uint64_t>(dtype.bits / 8),
+                               &bytes)) {
+      return std::nullopt;
+    }
+    return bytes;
+  }
+  // Sub-byte dtypes (F4): several elements share each byte.
+  const std::uint64_t per_byte = 8 / static_cast<std::uint64_t>(dtype.bits);
+  if (element_count % per_byte != 0) return std::nullopt;
+  return element_count / per_byte;
 }
 
 }  // namespace trinity_stream_saver

@@ -25,8 +25,9 @@ std::optional<Dtype> find_dtype(std::string_view name);
 // "BOOL, U8, ..." for error messages that must tell the user what would work.
 std::string supported_dtype_names();
 
-// Bytes taken by `element_count` elements; elements narrower than a byte
-// must fill whole bytes (safetensors refuses a slice that ends mid-byte).
+// Bytes taken by `element_count` elements, or nothing if that count does
+// not fill whole bytes (safetensors refuses a slice that ends mid-byte) or
+// the size does not fit in 64 bits.
 std::optional<std::uint64_t> byte_size(const Dtype& dtype,
                                        std::uint64_t element_count);
 

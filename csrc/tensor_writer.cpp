@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <bit>
+#include <climits>
+#include <sstream>
 #include <unordered_set>
 
 #include "errors.h"
@@ -24,6 +26,29 @@ c10::ScalarType same_width_integer(std::size_t element_size) {
     case 2: return c10::ScalarType::Short;
     case 4: return c10::ScalarType::Int;
     default: return c10::ScalarType::Long;
+  }
+}
+
+std::string layout_name(c10::Layout layout) {
+  std::ostringstream out;
+  out << layout;
+  return out.str();
+}
+
+// Wrapper subclasses (DTensor, FakeTensor, functional tensors) report a CPU
+// device but their bytes live elsewhere or nowhere; writing from their data
+// pointer would read garbage or crash.
+bool has_plain_cpu_memory(const at::Tensor& tensor) {
+  const c10::DispatchKeySet wrappers{c10::DispatchKey::Python,
+                                     c10::DispatchKey::PythonTLSSnapshot,
+                                     c10::DispatchKey::Functionalize};
+  if (tensor.key_set().has_any(wrappers) || !tensor.has_storage()) return false;
+  if (tensor.numel() == 0) return true;
+  try {
+    const c10::Storage& storage = tensor.storage();
+    return storage.device().is_cpu() && storage.data() != nullptr;
+  } catch (const c10::Error&) {
+    return false;  // storage that refuses to give its data pointer
   }
 }
 
@@ -54,15 +79,20 @@ std::string meta_entry(const TensorMeta& meta, std::uint64_t begin,
   const std::string where = "state_dict_meta entry " + quoted(meta.name);
   const std::optional<TorchDtype> dtype = find_torch_dtype(meta.dtype);
   if (!dtype) throw ValueError(unsupported_dtype(where, meta.dtype));
-  std::uint64_t items = 1;
+  const std::string too_large =
+      where + " describes a tensor too large to store (2^64 bytes or more); check its shape.";
+  std::uint64_t items = static_cast<std::uint64_t>(dtype->elements_per_item);
   for (const std::int64_t dim : meta.shape) {
     if (dim < 0) {
       throw ValueError(where + " has a negative dimension in its shape; " +
                        "shapes must be non-negative integers.");
     }
     if (__builtin_mul_overflow(items, static_cast<std::uint64_t>(dim), &items)) {
-      throw ValueError(where + " has a shape too large to store.");
+      throw ValueError(too_large);
     }
+  }
+  if (!meta.shape.empty() && meta.shape.back() > INT64_MAX / dtype->elements_per_item) {
+    throw ValueError(too_large);
   }
   const std::optional<std::vector<std::int64_t>> shape =
       header_shape(*dtype, meta.shape);
@@ -70,20 +100,19 @@ std::string meta_entry(const TensorMeta& meta, std::uint64_t begin,
     throw ValueError(where + ": a 0-dim tensor of packed dtype " + meta.dtype +
                      " cannot be stored; give it at least one dimension.");
   }
-  const std::optional<std::uint64_t> bytes =
-      byte_size(dtype->dtype, items * dtype->elements_per_item);
-  if (!bytes || __builtin_add_overflow(begin, *bytes, end)) {
-    throw ValueError(where + " has a shape too large to store.");
-  }
+  // Offsets are unsigned 64-bit in safetensors; within that range the
+  // reserved size must match the original's, which uses Python ints.
+  const std::optional<std::uint64_t> bytes = byte_size(dtype->dtype, items);
+  if (!bytes || __builtin_add_overflow(begin, *bytes, end)) throw ValueError(too_large);
   return tensor_entry(meta.name, dtype->dtype, *shape, begin, *end);
 }
 
 // N, computed from the metadata alone: the header it describes, with
 // entries and offsets laid out in meta order, rounded up to 8 bytes.
 std::uint64_t reserve_header(const std::vector<TensorMeta>& meta,
-                             const Metadata& metadata) {
+                             const std::optional<Metadata>& metadata) {
   HeaderJson json;
-  if (!metadata.empty()) json.append(metadata_entry(metadata));
+  if (metadata) json.append(metadata_entry(*metadata));
   std::unordered_set<std::string> names;
   std::uint64_t offset = 0;
   for (const TensorMeta& entry : meta) {
@@ -107,11 +136,12 @@ std::uint64_t reserve_header(const std::vector<TensorMeta>& meta,
 }  // namespace
 
 TensorWriter::TensorWriter(std::string path, const std::vector<TensorMeta>& meta,
-                           Metadata metadata, std::function<void()> between_chunks)
+                           const std::optional<Metadata>& metadata,
+                           std::function<void()> between_chunks)
     : reserved_(reserve_header(meta, metadata)),
       sink_(std::move(path)),
       between_chunks_(std::move(between_chunks)) {
-  if (!metadata.empty()) header_.append(metadata_entry(metadata));
+  if (metadata) header_.append(metadata_entry(*metadata));
   sink_.seek(8 + reserved_);
 }
 
@@ -122,8 +152,12 @@ TorchDtype TensorWriter::check_tensor(const std::string& name,
   if (!tensor.defined()) {
     throw ValueError(where + " is an undefined tensor; yield a real tensor.");
   }
+  if (tensor.is_nested()) {
+    throw ValueError(where + " is a nested tensor; safetensors stores dense "
+                     "tensors only. Save its components as separate tensors.");
+  }
   if (tensor.layout() != c10::kStrided) {
-    throw ValueError(where + " has layout " + c10::toString(tensor.layout()) +
+    throw ValueError(where + " has layout " + layout_name(tensor.layout()) +
                      "; safetensors stores dense tensors only. Convert it with "
                      ".to_dense() first.");
   }
@@ -135,9 +169,10 @@ TorchDtype TensorWriter::check_tensor(const std::string& name,
     throw ValueError(where + " is quantized; safetensors stores plain dtypes "
                      "only. Dequantize it (tensor.dequantize()) first.");
   }
-  if (!tensor.has_storage()) {
-    throw ValueError(where + " has no storage of its own (a tensor subclass "
-                     "such as DTensor?); pass a plain CPU tensor, e.g. "
+  if (!has_plain_cpu_memory(tensor)) {
+    throw ValueError(where + " has no CPU memory of its own to write (a "
+                     "wrapper tensor subclass such as DTensor, FakeTensor or a "
+                     "functional tensor); pass a plain CPU tensor, e.g. "
                      ".full_tensor() or .to_local().");
   }
   const std::optional<TorchDtype> dtype = find_torch_dtype(tensor.scalar_type());

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <unordered_set>
 #include <vector>
@@ -38,11 +39,14 @@ class TensorWriter final {
   // size bounds the buffer that puts a non-contiguous tensor in C order.
   static constexpr std::size_t kChunkBytes = std::size_t{64} << 20;
 
-  // Validates `meta` and `metadata`, reserves the header they describe and
-  // creates `path`. Throws ValueError for bad metadata (before creating any
-  // file), OsError if the file cannot be created.
+  // Validates `meta`, reserves the header that it and `metadata` describe
+  // and creates `path`. Without `metadata` the header has no "__metadata__"
+  // entry; an empty one is written as {} (as safetensors does). Throws
+  // ValueError for bad metadata (before creating any file), OsError if the
+  // file cannot be created.
   TensorWriter(std::string path, const std::vector<TensorMeta>& meta,
-               Metadata metadata, std::function<void()> between_chunks = {});
+               const std::optional<Metadata>& metadata,
+               std::function<void()> between_chunks = {});
 
   // Checks `tensor` and appends its bytes in C order straight from its
   // memory. Throws ValueError naming the tensor if it cannot be saved.

@@ -35,6 +35,7 @@ class TensorMeta(NamedTuple):
 StateDictMeta = list[TensorMeta]
 
 _SUPPORTED_DTYPES = frozenset(_C.supported_dtypes())
+_MAX_DIM = 2**63 - 1  # torch sizes are int64
 
 
 def _unsupported_dtype(name: object, dtype: object) -> ValueError:
@@ -79,6 +80,11 @@ def _shape(name: str, shape: object) -> list[int]:
                 f"state_dict_meta entry {name!r} has shape {shape!r}; every "
                 f"dimension must be an int."
             )
+        if dim > _MAX_DIM:
+            raise ValueError(
+                f"state_dict_meta entry {name!r} has shape {list(shape)!r}, a "
+                f"tensor too large to store; check its shape."
+            )
         if dim < 0:
             raise ValueError(
                 f"state_dict_meta entry {name!r} has shape {list(shape)!r}; "
@@ -109,8 +115,21 @@ def _normalise_meta(state_dict_meta: object) -> list[tuple[str, str, list[int]]]
                 f"state_dict_meta entry {entry!r} has a name of type "
                 f"{type(name).__name__}; expected a str."
             )
+        if not _is_valid_unicode(name):
+            raise ValueError(
+                f"state_dict_meta entry {name!r} has a name that is not valid "
+                f"Unicode (a lone surrogate?); rename the tensor."
+            )
         rows.append((name, _safetensors_dtype(name, dtype), _shape(name, shape)))
     return rows
+
+
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_mapping(tensor_iter: object) -> None:
@@ -123,9 +142,9 @@ def _reject_mapping(tensor_iter: object) -> None:
         )
 
 
-def _normalise_metadata(metadata: object) -> list[tuple[str, str]]:
+def _normalise_metadata(metadata: object) -> Optional[list[tuple[str, str]]]:
     if metadata is None:
-        return []
+        return None
     if not isinstance(metadata, Mapping):
         raise TypeError(
             f"metadata must be a dict of str to str, not {type(metadata).__name__}."
@@ -171,6 +190,8 @@ def save_safetensors_streaming(
     path = os.fspath(filepath)
     if not isinstance(path, str):
         raise TypeError(f"filepath must be a str or os.PathLike of str, not {path!r}.")
+    if "\0" in path:
+        raise ValueError(f"filepath {path!r} contains a null byte; no file can have that name.")
     temp_path = path + ".tmp"
     meta = _normalise_meta(state_dict_meta)
     extra = _normalise_metadata(metadata)

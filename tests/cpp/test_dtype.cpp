@@ -47,5 +47,11 @@ TEST(Dtype, ByteSizeRefusesSubByteCountsThatEndMidByte) {
   EXPECT_FALSE(byte_size(*find_dtype("F4"), 3).has_value());
 }
 
+TEST(Dtype, ByteSizeCountsUpTo64BitsAndRefusesMore) {
+  EXPECT_EQ(byte_size(*find_dtype("U8"), std::uint64_t{1} << 63), std::uint64_t{1} << 63);
+  EXPECT_EQ(byte_size(*find_dtype("F64"), std::uint64_t{1} << 60), std::uint64_t{1} << 63);
+  EXPECT_FALSE(byte_size(*find_dtype("F64"), std::uint64_t{1} << 61).has_value());
+}
+
 }  // namespace
 }  // namespace trinity_stream_saver

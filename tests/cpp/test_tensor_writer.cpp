@@ -65,8 +65,26 @@ TEST(TensorWriter, ReservesTheHeaderTheMetadataDescribes) {
   // {"__metadata__":{"k":"v"},"w":{"dtype":"BF16","shape":[4,8],"data_offsets":[0,64]}}
   const std::string json =
       R"({"__metadata__":{"k":"v"},"w":{"dtype":"BF16","shape":[4,8],"data_offsets":[0,64]}})";
-  TensorWriter writer(dir.file("f.tmp"), {{"w", "BF16", {4, 8}}}, {{"k", "v"}});
+  TensorWriter writer(dir.file("f.tmp"), {{"w", "BF16", {4, 8}}}, Metadata{{"k", "v"}});
   EXPECT_EQ(writer.reserved_header_size(), (json.size() + 7) / 8 * 8);
+}
+
+TEST(TensorWriter, WritesEmptyMetadataAsAnEmptyObjectAsSafetensorsDoes) {
+  ScratchDir dir;
+  {
+    TensorWriter writer(dir.file("f.tmp"), {}, Metadata{});
+    writer.close_and_keep();
+  }
+  EXPECT_EQ(read_file(dir.file("f.tmp")).substr(8), R"({"__metadata__":{}}     )");
+}
+
+TEST(TensorWriter, WritesNoMetadataEntryWithoutMetadata) {
+  ScratchDir dir;
+  {
+    TensorWriter writer(dir.file("f.tmp"), {}, std::nullopt);
+    writer.close_and_keep();
+  }
+  EXPECT_EQ(read_file(dir.file("f.tmp")).substr(8), "{}      ");
 }
 
 TEST(TensorWriter, WritesNonContiguousTensorsInCOrder) {
