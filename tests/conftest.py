@@ -1,0 +1,192 @@
+"""Shared helpers for the trinity_stream_saver test suite.
+
+The helpers here read files the way safetensors defines them (8-byte
+little-endian header length N, N bytes of JSON padded with spaces, then the
+data) without going through the library under test, so that a test can state
+exactly what it expects of the bytes on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import pytest
+import torch
+
+import trinity_stream_saver
+from trinity_stream_saver import _C
+
+# Child processes import the package from where this process found it (the
+# source tree with PYTHONPATH=python, or an installed copy).
+PACKAGE_DIR = Path(trinity_stream_saver.__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------
+# dtypes
+# --------------------------------------------------------------------------
+
+
+def all_torch_dtypes() -> list[torch.dtype]:
+    """Every distinct torch.dtype the installed torch exposes, in a fixed order."""
+    found = {}
+    for attribute in sorted(dir(torch)):
+        value = getattr(torch, attribute)
+        if isinstance(value, torch.dtype):
+            found.setdefault(value, None)
+    return sorted(found, key=str)
+
+
+def _safetensors_to_torch() -> dict[str, torch.dtype]:
+    table = {}
+    for dtype in all_torch_dtypes():
+        name = _C.safetensors_dtype(dtype)
+        if name is not None:
+            assert name not in table, f"{name} maps to {table[name]} and {dtype}"
+            table[name] = dtype
+    return table
+
+
+# safetensors dtype name -> torch dtype, for every dtype the library writes.
+SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = _safetensors_to_torch()
+SUPPORTED_NAMES: list[str] = list(_C.supported_dtypes())
+
+# Integer dtypes as wide as a tensor element, for bit-exact views.
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+_NORMAL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def make_tensor(dtype: torch.dtype, shape, seed: int = 0) -> torch.Tensor:
+    """A deterministic random tensor of any supported dtype.
+
+    Dtypes without a random generator in torch (float8, float4 packed, ...)
+    are made by viewing random bytes.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shape = tuple(shape)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool()
+    if dtype in _NORMAL_FLOATS:
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)
+    if dtype == torch.complex64:
+        return torch.randn(shape, generator=generator, dtype=torch.complex64)
+    if dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        info = torch.iinfo(dtype)
+        low, high = max(info.min, -(2**31)), min(info.max, 2**31 - 1)
+        return torch.randint(low, high, shape, generator=generator, dtype=dtype)
+    # Everything else: random bytes reinterpreted (uint16/32/64, float8, F4).
+    width = torch.empty((), dtype=dtype).element_size()
+    raw = torch.randint(0, 256, shape + (width,), generator=generator, dtype=torch.uint8)
+    return raw.view(_SAME_WIDTH_INT[width]).squeeze(-1).view(dtype)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The C-order little-endian bytes of a tensor (what safetensors stores)."""
+    tensor = tensor.detach().resolve_conj().resolve_neg().contiguous()
+    if tensor.dim() == 0:
+        tensor = tensor.reshape(1)
+    width = tensor.element_size()
+    return tensor.view(_SAME_WIDTH_INT[width]).numpy().tobytes()
+
+
+def assert_tensors_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same dtype, same shape, same bytes (so NaNs and -0.0 compare exactly)."""
+    assert actual.dtype == expected.dtype
+    assert tuple(actual.shape) == tuple(expected.shape)
+    assert tensor_bytes(actual) == tensor_bytes(expected)
+
+
+def meta_for(items) -> list[tuple[str, str, list[int]]]:
+    """state_dict_meta rows describing `items` exactly, built without the
+    library's collect_state_dict_meta."""
+    return [(name, _C.safetensors_dtype(t.dtype), list(t.shape)) for name, t in items]
+
+
+# --------------------------------------------------------------------------
+# reading files
+# --------------------------------------------------------------------------
+
+
+class Header(NamedTuple):
+    size: int  # N, as stored in the first 8 bytes
+    raw: bytes  # the N header bytes, padding included
+    json_bytes: bytes  # raw without the trailing space padding
+    entries: dict  # the parsed JSON, in file order
+
+
+def read_header(path) -> Header:
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        assert len(prefix) == 8, f"{path} is shorter than 8 bytes"
+        (size,) = struct.unpack("<Q", prefix)
+        raw = file.read(size)
+    assert len(raw) == size, f"{path}: header says {size} bytes, file has {len(raw)}"
+    json_bytes = raw.rstrip(b" ")
+    return Header(size, raw, json_bytes, json.loads(json_bytes))
+
+
+def read_bytes(path) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+# --------------------------------------------------------------------------
+# destinations and "nothing was lost"
+# --------------------------------------------------------------------------
+
+PREEXISTING = b"an earlier checkpoint that must survive a failed save\n" * 3
+
+
+@pytest.fixture
+def dest(tmp_path) -> str:
+    """A destination path in an empty temporary directory."""
+    return str(tmp_path / "model.safetensors")
+
+
+@pytest.fixture
+def existing_dest(tmp_path) -> str:
+    """A destination path where a file (PREEXISTING) already exists."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(PREEXISTING)
+    return str(path)
+
+
+def assert_nothing_lost(path, previous: Optional[bytes] = PREEXISTING) -> None:
+    """After a failed save: no temp file is left behind, and the file that was
+    at `path` before (or its absence, if previous is None) is unchanged."""
+    path = os.fspath(path)
+    assert not os.path.lexists(path + ".tmp"), f"temp file {path}.tmp was left behind"
+    if previous is None:
+        assert not os.path.lexists(path), f"{path} was created by a failed save"
+    else:
+        assert read_bytes(path) == previous, f"{path} was changed by a failed save"
+
+
+# --------------------------------------------------------------------------
+# child processes
+# --------------------------------------------------------------------------
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(PACKAGE_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    return env
+
+
+def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter that can import the package."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+    )

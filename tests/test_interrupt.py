@@ -1,0 +1,205 @@
+"""Ctrl-C stops a save promptly with KeyboardInterrupt, between tensors and
+in the middle of a large tensor, and leaves no temp file behind.
+
+Each case runs the save in a child process and sends it SIGINT once the save
+is under way. The child reports from its `except KeyboardInterrupt` handler.
+Timeouts are generous for a slow shared machine; whether the interrupt came
+early is judged from how far the temp file got, not from wall time alone.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import PREEXISTING, child_env, read_bytes
+from trinity_stream_saver import _C
+
+GiB = 1 << 30
+STARTUP_TIMEOUT = 180  # importing torch on a loaded machine
+EXIT_TIMEOUT = 60  # from SIGINT to exit, at worst
+PROMPT_EXIT = 30  # what "promptly" must beat
+
+CHILD = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import torch
+from trinity_stream_saver import save_safetensors_streaming
+
+mode, path = sys.argv[1], sys.argv[2]
+GiB = 1 << 30
+
+def report(text):
+    print(text, flush=True)
+
+def slow_generator():
+    report("REQUESTED 0")
+    yield ("t0", torch.ones(4))
+    report("REQUESTED 1")
+    time.sleep(120)  # Ctrl-C must arrive while the iterator runs
+    yield ("t1", torch.ones(4))
+
+if mode == "iterator":
+    items, meta = slow_generator(), [("t0", "F32", [4]), ("t1", "F32", [4])]
+else:
+    if mode == "contiguous":
+        tensors = [("big", torch.empty(GiB, dtype=torch.uint8))]
+    elif mode == "strided":
+        row = torch.arange(256, dtype=torch.uint8).repeat(4096)  # 1 MiB
+        tensors = [("big", row.expand(GiB >> 20, -1))]  # 1 GiB, zero stride
+    elif mode == "many_tensors":
+        # A list iterator runs no Python code between items: only the
+        # saver's own check between tensors can notice the signal.
+        small = torch.empty(1 << 20, dtype=torch.uint8)
+        tensors = [(f"t{i}", small) for i in range(GiB >> 20)]
+    meta = [(name, "U8", list(t.shape)) for name, t in tensors]
+    items = tensors
+
+report("STARTED")
+try:
+    save_safetensors_streaming(items, path, meta)
+except KeyboardInterrupt:
+    report("KEYBOARD_INTERRUPT temp_exists=%s" % os.path.exists(path + ".tmp"))
+    sys.exit(0)
+report("FINISHED")
+"""
+
+
+def temp_size(path: str) -> int:
+    try:
+        return os.stat(path + ".tmp").st_size
+    except FileNotFoundError:
+        return 0
+
+
+class Child:
+    """The child process, its stdout read line by line on a thread so that
+    every wait has a timeout even if the child hangs silently."""
+
+    def __init__(self, mode: str, path: str):
+        self.path = path
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", CHILD, mode, path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._queue.put(line.strip())
+        self._queue.put(None)  # end of output
+
+    def wait_for_line(self, expected: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.lines.append(line)
+            if line == expected:
+                return
+        pytest.fail(f"child never printed {expected!r}; got {self.lines}, stderr: {self.stderr()}")
+
+    def stderr(self) -> str:
+        if self.process.poll() is None:
+            return "(still running)"
+        return self.process.stderr.read()[-2000:]
+
+    def interrupt_and_watch(self) -> tuple[float, int]:
+        """Sends SIGINT; returns (seconds until exit, largest temp size seen)."""
+        largest = temp_size(self.path)
+        self.process.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        while self.process.poll() is None:
+            largest = max(largest, temp_size(self.path))
+            if time.monotonic() - sent > EXIT_TIMEOUT:
+                self.process.kill()
+                pytest.fail("child did not exit within %ss of SIGINT" % EXIT_TIMEOUT)
+            time.sleep(0.002)
+        return time.monotonic() - sent, largest
+
+    def output(self) -> list[str]:
+        """Every line the child printed, once it has exited."""
+        self.process.wait(timeout=EXIT_TIMEOUT)
+        self._reader.join(timeout=EXIT_TIMEOUT)
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.lines.append(line)
+        return self.lines
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def child_factory():
+    children = []
+
+    def start(mode, path):
+        child = Child(mode, path)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.kill()
+
+
+def assert_interrupted_cleanly(child: Child, elapsed: float, dest: str) -> None:
+    lines = child.output()
+    assert "KEYBOARD_INTERRUPT temp_exists=False" in lines, (lines, child.stderr())
+    assert "FINISHED" not in lines
+    assert elapsed < PROMPT_EXIT, f"took {elapsed:.1f}s to stop after SIGINT"
+    assert not os.path.lexists(dest + ".tmp")
+    assert read_bytes(dest) == PREEXISTING
+
+
+def test_ctrl_c_while_the_iterator_runs_raises_keyboard_interrupt(existing_dest, child_factory):
+    child = child_factory("iterator", existing_dest)
+    child.wait_for_line("STARTED", STARTUP_TIMEOUT)
+    child.wait_for_line("REQUESTED 1", STARTUP_TIMEOUT)
+    elapsed, _ = child.interrupt_and_watch()
+    assert_interrupted_cleanly(child, elapsed, existing_dest)
+
+
+@pytest.mark.parametrize("mode", ["contiguous", "strided", "many_tensors"])
+def test_ctrl_c_during_a_large_write_stops_it_early(existing_dest, child_factory, mode):
+    total = GiB
+    child = child_factory(mode, existing_dest)
+    child.wait_for_line("STARTED", STARTUP_TIMEOUT)
+    # Wait until the first chunk (64 MiB) of data is on disk: the save is
+    # then certainly inside the write loop, not in Python code.
+    threshold = _C.CHUNK_BYTES
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while temp_size(existing_dest) < threshold:
+        if child.process.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            pytest.fail(f"save never got past {threshold} bytes: {child.output()} {child.stderr()}")
+        time.sleep(0.002)
+    elapsed, largest = child.interrupt_and_watch()
+    assert_interrupted_cleanly(child, elapsed, existing_dest)
+    # Honouring the signal only after the whole tensor (or all tensors)
+    # would have let the temp file grow to the full size first.
+    assert largest < total // 2, f"temp file reached {largest >> 20} MiB of {total >> 20} MiB before stopping"
