@@ -286,10 +286,18 @@ def test_reserved_metadata_name_in_meta_is_a_value_error(existing_dest):
     assert_nothing_lost(existing_dest)
 
 
-def test_name_that_is_not_valid_unicode_fails_before_writing(existing_dest):
+def test_meta_name_that_is_not_valid_unicode_is_a_value_error(existing_dest):
     name = "lone\ud800surrogate"
-    with pytest.raises((TypeError, ValueError, UnicodeError)):
-        save_safetensors_streaming(iter([(name, ok_tensor(1))]), existing_dest, [(name, "F32", [1])])
+    message = fail_save(ValueError, [(name, ok_tensor(1))], existing_dest, [(name, "F32", [1])])
+    assert "not valid Unicode" in message and "rename" in message
+    assert_nothing_lost(existing_dest)
+
+
+def test_item_name_that_is_not_valid_unicode_is_a_value_error(existing_dest):
+    items = GOOD_PREFIX + [("lone\ud800surrogate", ok_tensor(4))]
+    meta = GOOD_META + [("a_name_long_enough_to_fit_it", "F32", [4])]
+    message = fail_save(ValueError, items, existing_dest, meta)
+    assert "not valid Unicode" in message and "item 2" in message
     assert_nothing_lost(existing_dest)
 
 
