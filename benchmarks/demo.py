@@ -49,38 +49,50 @@ def tensors(spec):
         yield name, torch.full(shape, float(index % 7), dtype=torch.bfloat16)
 
 
-def run_method(method: str, spec, path: str) -> dict:
-    import torch  # noqa: F401  (imported before the baseline is taken)
+def raw_write(items, path: str) -> None:
+    """The limit for one writer: each tensor's own memory straight to the
+    file, no header, no copies."""
+    import torch
 
-    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    meta = [(name, "BF16", list(shape)) for name, shape in spec]
-    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _, tensor in items:
+            view = memoryview(tensor.view(torch.uint8).numpy())
+            while view:
+                view = view[os.write(fd, view):]
+            del tensor, view
+    finally:
+        os.close(fd)
+
+
+def saver_for(method: str):
+    """The method as a function of (items, path, meta), imported up front so
+    that import time is not counted as saving time."""
     if method == "trinity_stream_saver":
         from trinity_stream_saver import save_safetensors_streaming
 
-        save_safetensors_streaming(tensors(spec), path, meta)
-    elif method == "pure_python_saver":
+        return save_safetensors_streaming
+    if method == "pure_python_saver":
         from reference_saver import reference_save
 
-        reference_save(tensors(spec), path, meta)
-    elif method == "safetensors_save_file":
+        return reference_save
+    if method == "safetensors_save_file":
         from safetensors.torch import save_file
 
-        save_file(dict(tensors(spec)), path)
-    elif method == "raw_os_write":
-        # The limit for one writer: each tensor's own memory straight to the
-        # file, no header, no copies.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            for _, tensor in tensors(spec):
-                view = memoryview(tensor.view(torch.uint8).numpy())
-                while view:
-                    view = view[os.write(fd, view):]
-                del tensor, view
-        finally:
-            os.close(fd)
-    else:
-        raise ValueError(f"unknown method {method!r}")
+        return lambda items, path, meta: save_file(dict(items), path)
+    if method == "raw_os_write":
+        return lambda items, path, meta: raw_write(items, path)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def run_method(method: str, spec, path: str) -> dict:
+    import torch  # noqa: F401  (imported before the baseline is taken)
+
+    save = saver_for(method)
+    meta = [(name, "BF16", list(shape)) for name, shape in spec]
+    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    save(tensors(spec), path, meta)
     seconds = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"seconds": seconds, "rss_growth_mib": (peak_kib - baseline_kib) / 1024}
@@ -130,6 +142,13 @@ def main() -> int:
         for _ in range(args.rounds):
             for method in METHODS:
                 path = os.path.join(work, f"{method}.safetensors")
+                # Every method starts from the same state: no file to replace
+                # (replacing one makes ext4 flush it) and no dirty pages left
+                # by the previous method to throttle this one's writes.
+                for stale in (path, path + ".tmp"):
+                    if os.path.exists(stale):
+                        os.unlink(stale)
+                os.sync()
                 child = subprocess.run(
                     [sys.executable, __file__, "--size-mib", str(args.size_mib),
                      "--tensor-mib", str(args.tensor_mib), "--child", method, path],
