@@ -13,7 +13,9 @@
 #include <tuple>
 #include <vector>
 
+#include "background_writer.h"
 #include "dtype.h"
+#include "durability.h"
 #include "errors.h"
 #include "tensor_writer.h"
 #include "torch_dtype.h"
@@ -73,10 +75,77 @@ void unpack_item(py::handle item, std::size_t index, std::string* name,
   *tensor = THPVariable_Unpack(value.ptr());
 }
 
+// Pulls the next (name, tensor) item; false at the end of the iterator.
+bool next_item(py::handle iterator, std::size_t index, std::string* name, at::Tensor* tensor) {
+  raise_pending_signals();
+  // The item lives only in this scope: once its name and tensor are taken,
+  // nothing of ours keeps the Python item (or a second tensor) alive.
+  py::object item = py::reinterpret_steal<py::object>(PyIter_Next(iterator.ptr()));
+  if (!item) {
+    if (PyErr_Occurred()) throw py::error_already_set();
+    return false;
+  }
+  unpack_item(item, index, name, tensor);
+  return true;
+}
+
+// Default mode: each tensor is written, then released, before the iterator
+// is asked for the next one, so only one tensor is alive at a time.
+void write_in_turn(py::handle iterator, TensorWriter& writer) {
+  std::string name;
+  at::Tensor tensor;
+  for (std::size_t index = 0; next_item(iterator, index, &name, &tensor); ++index) {
+    {
+      py::gil_scoped_release nogil;
+      writer.write(name, tensor);
+    }
+    // Dropped with the GIL held: this may free the Python tensor object.
+    tensor.reset();
+  }
+}
+
+// Overlap mode: a worker thread writes tensor k while the iterator produces
+// tensor k+1.
+void write_overlapped(py::handle iterator, TensorWriter& writer) {
+  // Waiting for the worker happens without the GIL; take it back briefly
+  // and often enough that Ctrl-C is noticed.
+  auto while_waiting = [] {
+    py::gil_scoped_acquire gil;
+    raise_pending_signals();
+  };
+  std::optional<BackgroundWriter> background;
+  background.emplace(writer, while_waiting);
+  std::string name;
+  at::Tensor tensor;
+  at::Tensor finished;
+  try {
+    for (std::size_t index = 0; next_item(iterator, index, &name, &tensor); ++index) {
+      {
+        py::gil_scoped_release nogil;
+        background->write(std::move(name), std::move(tensor), &finished);
+      }
+      finished.reset();  // with the GIL held, as above
+    }
+    {
+      py::gil_scoped_release nogil;
+      background->finish(&finished);
+    }
+    finished.reset();
+  } catch (...) {
+    // Stopping the worker waits for it to leave its current chunk; do that
+    // without the GIL, which the worker's torch calls may want.
+    {
+      py::gil_scoped_release nogil;
+      background.reset();
+    }
+    throw;
+  }
+}
+
 void save(py::handle tensor_iter, const std::string& temp_path,
           const std::optional<std::string>& destination,
           const std::vector<MetaRow>& meta_rows,
-          const std::optional<Metadata>& metadata) {
+          const std::optional<Metadata>& metadata, bool sync, bool overlap) {
   std::vector<TensorMeta> meta;
   meta.reserve(meta_rows.size());
   for (const auto& [name, dtype, shape] : meta_rows) meta.push_back({name, dtype, shape});
@@ -95,37 +164,23 @@ void save(py::handle tensor_iter, const std::string& temp_path,
     py::gil_scoped_release nogil;
     writer.emplace(temp_path, meta, metadata, between_chunks);
   }
-
-  for (std::size_t index = 0;; ++index) {
-    raise_pending_signals();
-    std::string name;
-    at::Tensor tensor;
-    {
-      // Our references to the item and its tensor must be gone before the
-      // iterator is asked for the next one, or two tensors are alive at
-      // once; so the item lives only in this scope, and the tensor is reset
-      // below before the loop comes back to PyIter_Next.
-      py::object item = py::reinterpret_steal<py::object>(PyIter_Next(iterator.ptr()));
-      if (!item) {
-        if (PyErr_Occurred()) throw py::error_already_set();
-        break;
-      }
-      unpack_item(item, index, &name, &tensor);
-    }
-    {
-      py::gil_scoped_release nogil;
-      writer->write(name, tensor);
-    }
-    // Dropped with the GIL held: this may free the Python tensor object.
-    tensor.reset();
+  if (overlap) {
+    write_overlapped(iterator, *writer);
+  } else {
+    write_in_turn(iterator, *writer);
   }
 
   py::gil_scoped_release nogil;
   if (destination) {
-    writer->close_and_rename(*destination);
+    writer->close_and_rename(*destination, sync);
   } else {
-    writer->close_and_keep();
+    writer->close_and_keep(sync);
   }
+}
+
+void finalize_file(const std::string& temp_path, const std::string& destination, bool sync) {
+  py::gil_scoped_release nogil;
+  finalize(temp_path, destination, sync);
 }
 
 std::optional<std::string> safetensors_dtype(at::ScalarType scalar_type) {
@@ -168,9 +223,12 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "C++ core of trinity_stream_saver; use the Python package's API.";
   py::register_exception_translator(&tss::translate_errors);
   m.def("save", &tss::save, py::arg("tensor_iter"), py::arg("temp_path"),
-        py::arg("destination"), py::arg("meta"), py::arg("metadata"),
+        py::arg("destination"), py::arg("meta"), py::arg("metadata"), py::arg("sync"),
+        py::arg("overlap"),
         "Streams (name, tensor) items into temp_path; renames it to destination "
         "unless destination is None.");
+  m.def("finalize", &tss::finalize_file, py::arg("temp_path"), py::arg("destination"),
+        py::arg("sync"), "Optionally syncs temp_path, renames it, syncs the directory.");
   m.def("safetensors_dtype", &tss::safetensors_dtype, py::arg("dtype"),
         "The safetensors dtype name for a torch.dtype, or None if it cannot be saved.");
   m.def("supported_dtypes", &tss::supported_dtype_list,

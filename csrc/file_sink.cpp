@@ -4,9 +4,11 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <climits>
 #include <cstdio>
 #include <cstring>
 
+#include "durability.h"
 #include "errors.h"
 #include "posix_io.h"
 
@@ -23,6 +25,30 @@ FileSink::~FileSink() {
   if (finished_) return;
   if (fd_ >= 0) ::close(fd_);
   ::unlink(path_.c_str());
+}
+
+void FileSink::preallocate(std::uint64_t size) {
+  // No real save is 2^63 bytes; such metadata fails later, at its tensors.
+  if (size == 0 || size > static_cast<std::uint64_t>(INT64_MAX)) return;
+  // fallocate(), not posix_fallocate(): where the filesystem cannot
+  // preallocate, glibc's posix_fallocate() writes zeros over the whole
+  // size, which would double the I/O of the save.
+  int result = 0;
+  do {
+    result = ::fallocate(fd_, 0, 0, static_cast<off_t>(size));
+  } while (result != 0 && errno == EINTR);
+  if (result == 0) return;
+  if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) return;
+  throw OsError(errno, path_, "reserve " + std::to_string(size) + " bytes of disk space");
+}
+
+void FileSink::truncate(std::uint64_t size) {
+  flush();
+  int result = 0;
+  do {
+    result = ::ftruncate(fd_, static_cast<off_t>(size));
+  } while (result != 0 && errno == EINTR);
+  if (result != 0) throw OsError(errno, path_, "truncate");
 }
 
 void FileSink::seek(std::uint64_t offset) {
@@ -61,8 +87,9 @@ void FileSink::flush() {
   write_all(fd_, buffer_.get(), size, path_);
 }
 
-void FileSink::close_or_throw() {
+void FileSink::close_or_throw(bool sync) {
   flush();
+  if (sync && ::fdatasync(fd_) != 0) throw OsError(errno, path_, "sync to disk");
   const int fd = fd_;
   fd_ = -1;
   // close() reports deferred write errors on some filesystems (NFS); it must
@@ -72,16 +99,17 @@ void FileSink::close_or_throw() {
   }
 }
 
-void FileSink::close_and_rename(const std::string& destination) {
-  close_or_throw();
+void FileSink::close_and_rename(const std::string& destination, bool sync) {
+  close_or_throw(sync);
   if (::rename(path_.c_str(), destination.c_str()) != 0) {
     throw OsError(errno, destination, "rename the temporary file '" + path_ + "' to it");
   }
   finished_ = true;
+  if (sync) sync_parent_directory(destination);
 }
 
-void FileSink::close_and_keep() {
-  close_or_throw();
+void FileSink::close_and_keep(bool sync) {
+  close_or_throw(sync);
   finished_ = true;
 }
 

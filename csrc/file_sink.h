@@ -28,6 +28,11 @@ class FileSink final {
   FileSink(const FileSink&) = delete;
   FileSink& operator=(const FileSink&) = delete;
 
+  // Reserves disk space for a file of `size` bytes, so that a full disk
+  // fails now rather than after minutes of writing. Silently does nothing
+  // where the filesystem cannot preallocate. Throws OsError (ENOSPC, EFBIG).
+  void preallocate(std::uint64_t size);
+
   // Moves the append position to `offset` (leaving a hole to fill later).
   void seek(std::uint64_t offset);
 
@@ -36,18 +41,25 @@ class FileSink final {
   // Writes at an absolute offset, after everything appended so far.
   void write_at(std::uint64_t offset, const void* data, std::size_t size);
 
-  // Closes the file and atomically renames it to `destination`, replacing
-  // any file there. On failure the file is removed and OsError thrown.
-  void close_and_rename(const std::string& destination);
+  // Cuts the file to `size` bytes (after a preallocation that turned out
+  // larger than the data).
+  void truncate(std::uint64_t size);
 
-  // Closes the file and leaves it at path() for the caller to finish.
-  void close_and_keep();
+  // Closes the file and atomically renames it to `destination`, replacing
+  // any file there. With `sync`, the data is on disk before the rename and
+  // the rename is on disk before this returns. On failure before the
+  // rename the file is removed and OsError thrown.
+  void close_and_rename(const std::string& destination, bool sync);
+
+  // Closes the file and leaves it at path() for the caller to finish
+  // (with `sync`, its data is on disk first).
+  void close_and_keep(bool sync);
 
   const std::string& path() const noexcept { return path_; }
 
  private:
   void flush();
-  void close_or_throw();
+  void close_or_throw(bool sync);
 
   const std::string path_;
   int fd_ = -1;

@@ -108,9 +108,10 @@ std::string meta_entry(const TensorMeta& meta, std::uint64_t begin,
 }
 
 // N, computed from the metadata alone: the header it describes, with
-// entries and offsets laid out in meta order, rounded up to 8 bytes.
-std::uint64_t reserve_header(const std::vector<TensorMeta>& meta,
-                             const std::optional<Metadata>& metadata) {
+// entries and offsets laid out in meta order, rounded up to 8 bytes; and
+// the size of the data it describes.
+FileLayout plan_file(const std::vector<TensorMeta>& meta,
+                     const std::optional<Metadata>& metadata) {
   HeaderJson json;
   if (metadata) json.append(metadata_entry(*metadata));
   std::unordered_set<std::string> names;
@@ -130,7 +131,7 @@ std::uint64_t reserve_header(const std::vector<TensorMeta>& meta,
                      " bytes safetensors can read; split the checkpoint into "
                      "several files.");
   }
-  return reserved;
+  return {reserved, offset};
 }
 
 }  // namespace
@@ -138,11 +139,20 @@ std::uint64_t reserve_header(const std::vector<TensorMeta>& meta,
 TensorWriter::TensorWriter(std::string path, const std::vector<TensorMeta>& meta,
                            const std::optional<Metadata>& metadata,
                            std::function<void()> between_chunks)
-    : reserved_(reserve_header(meta, metadata)),
+    : planned_(plan_file(meta, metadata)),
+      reserved_(planned_.header_size),
       sink_(std::move(path)),
       between_chunks_(std::move(between_chunks)) {
   if (metadata) header_.append(metadata_entry(*metadata));
+  std::uint64_t file_size = 0;
+  if (!__builtin_add_overflow(8 + reserved_, planned_.data_size, &file_size)) {
+    sink_.preallocate(file_size);
+  }
   sink_.seek(8 + reserved_);
+}
+
+void TensorWriter::set_between_chunks(std::function<void()> between_chunks) {
+  between_chunks_ = std::move(between_chunks);
 }
 
 TorchDtype TensorWriter::check_tensor(const std::string& name,
@@ -269,19 +279,22 @@ void TensorWriter::stage_and_append(const at::Tensor& view) {
   sink_.append(staging_.const_data_ptr(), static_cast<std::size_t>(size));
 }
 
-void TensorWriter::write_header() {
+void TensorWriter::finish_file() {
+  // The preallocated size assumed every tensor of state_dict_meta; fewer
+  // (or smaller) tensors leave preallocated space to cut off.
+  if (data_size_ != planned_.data_size) sink_.truncate(8 + reserved_ + data_size_);
   const std::string header = encode_header(header_.str(), reserved_);
   sink_.write_at(0, header.data(), header.size());
 }
 
-void TensorWriter::close_and_rename(const std::string& destination) {
-  write_header();
-  sink_.close_and_rename(destination);
+void TensorWriter::close_and_rename(const std::string& destination, bool sync) {
+  finish_file();
+  sink_.close_and_rename(destination, sync);
 }
 
-void TensorWriter::close_and_keep() {
-  write_header();
-  sink_.close_and_keep();
+void TensorWriter::close_and_keep(bool sync) {
+  finish_file();
+  sink_.close_and_keep(sync);
 }
 
 }  // namespace trinity_stream_saver

@@ -32,6 +32,13 @@ struct TensorMeta {
   std::vector<std::int64_t> shape;
 };
 
+// What state_dict_meta describes: the reserved header length N and the
+// size of the data after it.
+struct FileLayout {
+  std::uint64_t header_size;
+  std::uint64_t data_size;
+};
+
 class TensorWriter final {
  public:
   // Large tensors are written in pieces of this size, with `between_chunks`
@@ -40,7 +47,8 @@ class TensorWriter final {
   static constexpr std::size_t kChunkBytes = std::size_t{64} << 20;
 
   // Validates `meta`, reserves the header that it and `metadata` describe
-  // and creates `path`. Without `metadata` the header has no "__metadata__"
+  // and creates `path`, preallocating the whole file that `meta` describes
+  // (so that a full disk fails before any data is written). Without `metadata` the header has no "__metadata__"
   // entry; an empty one is written as {} (as safetensors does). Throws
   // ValueError for bad metadata (before creating any file), OsError if the
   // file cannot be created.
@@ -52,10 +60,15 @@ class TensorWriter final {
   // memory. Throws ValueError naming the tensor if it cannot be saved.
   void write(const std::string& name, const at::Tensor& tensor);
 
-  // Writes the header, closes the file and renames it to `destination`.
-  void close_and_rename(const std::string& destination);
+  // Replaces the callback between chunks (a background thread that writes
+  // for Python needs a different check than Python's main thread).
+  void set_between_chunks(std::function<void()> between_chunks);
+
+  // Writes the header, closes the file and renames it to `destination`;
+  // with `sync`, durably (see FileSink::close_and_rename).
+  void close_and_rename(const std::string& destination, bool sync);
   // Writes the header and closes the file, leaving it at its temporary path.
-  void close_and_keep();
+  void close_and_keep(bool sync);
 
   // N: the header length reserved in the file.
   std::uint64_t reserved_header_size() const noexcept { return reserved_; }
@@ -65,15 +78,16 @@ class TensorWriter final {
   void write_contiguous(const at::Tensor& tensor);
   void write_strided(const at::Tensor& view);
   void stage_and_append(const at::Tensor& view);
-  void write_header();
+  void finish_file();
 
+  const FileLayout planned_;
   const std::uint64_t reserved_;
   FileSink sink_;
   HeaderJson header_;
   std::unordered_set<std::string> names_;
   std::uint64_t data_size_ = 0;
   at::Tensor staging_;  // reused between non-contiguous tensors
-  const std::function<void()> between_chunks_;
+  std::function<void()> between_chunks_;
 };
 
 }  // namespace trinity_stream_saver

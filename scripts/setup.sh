@@ -16,7 +16,8 @@ as_root() {
 }
 
 install_debian_packages() {
-  local packages=(g++ nlohmann-json3-dev libgtest-dev python3-venv)
+  # strace: the durability tests watch the order of fsync and rename.
+  local packages=(g++ nlohmann-json3-dev libgtest-dev python3-venv strace)
   local missing=()
   for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||

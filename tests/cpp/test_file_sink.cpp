@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include <cerrno>
+#include <filesystem>
 #include <string>
 
 #include "errors.h"
@@ -29,7 +30,7 @@ TEST(FileSink, AppendsSmallAndLargePiecesInOrder) {
     sink.append(small_piece.data(), small_piece.size());
     sink.append(middle_piece.data(), middle_piece.size());
     sink.append(small_piece.data(), small_piece.size());
-    sink.close_and_keep();
+    sink.close_and_keep(/*sync=*/false);
   }
   EXPECT_EQ(read_file(dir.file("f.tmp")),
             small_piece + large_piece + small_piece + middle_piece + small_piece);
@@ -42,9 +43,41 @@ TEST(FileSink, WriteAtFillsAHoleLeftBySeek) {
     sink.seek(4);
     sink.append("data", 4);
     sink.write_at(0, "head", 4);
-    sink.close_and_keep();
+    sink.close_and_keep(/*sync=*/false);
   }
   EXPECT_EQ(read_file(dir.file("f.tmp")), "headdata");
+}
+
+TEST(FileSink, PreallocateSizesTheFileAndTruncateCutsIt) {
+  ScratchDir dir;
+  {
+    FileSink sink(dir.file("f.tmp"));
+    sink.preallocate(1 << 20);
+    EXPECT_EQ(std::filesystem::file_size(dir.file("f.tmp")), 1u << 20);
+    sink.append("data", 4);
+    sink.truncate(4);
+    sink.close_and_keep(/*sync=*/false);
+  }
+  EXPECT_EQ(read_file(dir.file("f.tmp")), "data");
+}
+
+TEST(FileSink, PreallocatingMoreThanTheFileSizeLimitIsAnOsError) {
+  ScratchDir dir;
+  FileSink sink(dir.file("f.tmp"));
+  // Far beyond any real disk, but representable: the filesystem must refuse.
+  EXPECT_THROW(sink.preallocate(std::uint64_t{1} << 62), OsError);
+}
+
+TEST(FileSink, CloseAndRenameWithSyncReplacesTheDestination) {
+  ScratchDir dir;
+  write_file(dir.file("f"), "old contents");
+  {
+    FileSink sink(dir.file("f.tmp"));
+    sink.append("new", 3);
+    sink.close_and_rename(dir.file("f"), /*sync=*/true);
+  }
+  EXPECT_EQ(read_file(dir.file("f")), "new");
+  EXPECT_FALSE(exists(dir.file("f.tmp")));
 }
 
 TEST(FileSink, CloseAndRenameReplacesTheDestination) {
@@ -53,7 +86,7 @@ TEST(FileSink, CloseAndRenameReplacesTheDestination) {
   {
     FileSink sink(dir.file("f.tmp"));
     sink.append("new", 3);
-    sink.close_and_rename(dir.file("f"));
+    sink.close_and_rename(dir.file("f"), /*sync=*/false);
   }
   EXPECT_EQ(read_file(dir.file("f")), "new");
   EXPECT_FALSE(exists(dir.file("f.tmp")));
@@ -65,7 +98,7 @@ TEST(FileSink, ReplacesAStaleTemporaryFile) {
   {
     FileSink sink(dir.file("f.tmp"));
     sink.append("new", 3);
-    sink.close_and_keep();
+    sink.close_and_keep(/*sync=*/false);
   }
   EXPECT_EQ(read_file(dir.file("f.tmp")), "new");
 }
@@ -87,7 +120,7 @@ TEST(FileSink, FailedRenameRemovesTheTemporaryFileAndKeepsTheDestination) {
   try {
     FileSink sink(dir.file("f.tmp"));
     sink.append("new", 3);
-    sink.close_and_rename(dir.file("dest"));
+    sink.close_and_rename(dir.file("dest"), /*sync=*/false);
     FAIL() << "renaming a file over a non-empty directory must fail";
   } catch (const OsError& error) {
     EXPECT_EQ(error.path(), dir.file("dest"));
@@ -113,7 +146,7 @@ TEST(FileSink, CreatesFilesWithTheUmaskApplied) {
   const mode_t previous = ::umask(022);
   {
     FileSink sink(dir.file("f.tmp"));
-    sink.close_and_keep();
+    sink.close_and_keep(/*sync=*/false);
   }
   ::umask(previous);
   struct stat info {};

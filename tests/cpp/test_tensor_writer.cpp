@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -47,7 +48,7 @@ TEST(TensorWriter, WritesTheExactFile) {
     TensorWriter writer(dir.file("f.tmp"), {{"a", "I16", {2, 3}}, {"b", "F32", {}}}, {});
     writer.write("a", a);
     writer.write("b", b);
-    writer.close_and_rename(dir.file("f"));
+    writer.close_and_rename(dir.file("f"), /*sync=*/false);
   }
   const std::string json =
       R"({"a":{"dtype":"I16","shape":[2,3],"data_offsets":[0,12]},)"
@@ -73,7 +74,7 @@ TEST(TensorWriter, WritesEmptyMetadataAsAnEmptyObjectAsSafetensorsDoes) {
   ScratchDir dir;
   {
     TensorWriter writer(dir.file("f.tmp"), {}, Metadata{});
-    writer.close_and_keep();
+    writer.close_and_keep(/*sync=*/false);
   }
   EXPECT_EQ(read_file(dir.file("f.tmp")).substr(8), R"({"__metadata__":{}}     )");
 }
@@ -82,9 +83,28 @@ TEST(TensorWriter, WritesNoMetadataEntryWithoutMetadata) {
   ScratchDir dir;
   {
     TensorWriter writer(dir.file("f.tmp"), {}, std::nullopt);
-    writer.close_and_keep();
+    writer.close_and_keep(/*sync=*/false);
   }
   EXPECT_EQ(read_file(dir.file("f.tmp")).substr(8), "{}      ");
+}
+
+TEST(TensorWriter, PreallocatesTheWholeFileTheMetadataDescribes) {
+  ScratchDir dir;
+  TensorWriter writer(dir.file("f.tmp"), {{"a", "F32", {1000}}, {"b", "I64", {10}}}, std::nullopt);
+  EXPECT_EQ(std::filesystem::file_size(dir.file("f.tmp")),
+            8 + writer.reserved_header_size() + 4000 + 80);
+}
+
+TEST(TensorWriter, CutsPreallocatedSpaceThatNoTensorFilled) {
+  ScratchDir dir;
+  std::uint64_t reserved = 0;
+  {
+    TensorWriter writer(dir.file("f.tmp"), {{"a", "F32", {1000}}, {"b", "I64", {10}}}, std::nullopt);
+    writer.write("a", at::ones({1000}));
+    reserved = writer.reserved_header_size();
+    writer.close_and_keep(/*sync=*/false);
+  }
+  EXPECT_EQ(std::filesystem::file_size(dir.file("f.tmp")), 8 + reserved + 4000);
 }
 
 TEST(TensorWriter, WritesNonContiguousTensorsInCOrder) {
@@ -99,7 +119,7 @@ TEST(TensorWriter, WritesNonContiguousTensorsInCOrder) {
   {
     TensorWriter writer(dir.file("f.tmp"), meta, {});
     for (std::size_t i = 0; i < views.size(); ++i) writer.write(meta[i].name, views[i]);
-    writer.close_and_keep();
+    writer.close_and_keep(/*sync=*/false);
   }
   const std::string file = read_file(dir.file("f.tmp"));
   std::string data;
@@ -117,7 +137,7 @@ TEST(TensorWriter, WritesALargeNonContiguousTensorInBoundedPieces) {
     TensorWriter writer(dir.file("f.tmp"), {{"t", "U8", view.sizes().vec()}}, {},
                         [&] { ++chunk_calls; });
     writer.write("t", view);
-    writer.close_and_keep();
+    writer.close_and_keep(/*sync=*/false);
   }
   EXPECT_GE(chunk_calls, 1);
   const std::string file = read_file(dir.file("f.tmp"));
@@ -215,7 +235,7 @@ TEST(TensorWriter, WritesFloat4WithTheUnpackedShape) {
   {
     TensorWriter writer(dir.file("f.tmp"), {{"p", "F4", {2, 3}}}, {});
     writer.write("p", packed);
-    writer.close_and_keep();
+    writer.close_and_keep(/*sync=*/false);
   }
   EXPECT_TRUE(contains(read_file(dir.file("f.tmp")),
                        R"("p":{"dtype":"F4","shape":[2,6],"data_offsets":[0,6]})"));
