@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -190,3 +191,57 @@ def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.Comple
         timeout=timeout,
         env=child_env(),
     )
+
+
+def bytes_written(pid: int | str = "self", tid: int | None = None) -> int:
+    """Bytes a process (or one of its threads) has passed to write() so far,
+    from /proc. The saver preallocates its whole file, so the temp file's
+    size says nothing about progress; this does."""
+    path = f"/proc/{pid}/task/{tid}/io" if tid is not None else f"/proc/{pid}/io"
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+# --------------------------------------------------------------------------
+# small filesystems
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """Mounts tmpfs filesystems of a given size under tmp_path, unmounting
+    them afterwards; skips the test (saying why) where mounting is not
+    permitted. Usage: `directory = mount_tmpfs(1 << 20)`."""
+    mounted: list[Path] = []
+
+    def mount(size_bytes: int) -> Path:
+        if shutil.which("mount") is None or os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root and mount(8)")
+        mount_point = tmp_path / f"tmpfs{len(mounted)}"
+        mount_point.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mount_point)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(mount_point)
+        return mount_point
+
+    yield mount
+    for mount_point in reversed(mounted):
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def free_bytes(directory) -> int:
+    """Bytes an unprivileged writer may still allocate in `directory`'s filesystem."""
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize

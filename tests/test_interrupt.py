@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import PREEXISTING, child_env, read_bytes
+from conftest import PREEXISTING, bytes_written, child_env, read_bytes
 from trinity_stream_saver import _C
 
 GiB = 1 << 30
@@ -72,11 +72,8 @@ report("FINISHED")
 """
 
 
-def temp_size(path: str) -> int:
-    try:
-        return os.stat(path + ".tmp").st_size
-    except FileNotFoundError:
-        return 0
+def written(child: "Child") -> int:
+    return bytes_written(child.process.pid)
 
 
 class Child:
@@ -122,12 +119,12 @@ class Child:
         return self.process.stderr.read()[-2000:]
 
     def interrupt_and_watch(self) -> tuple[float, int]:
-        """Sends SIGINT; returns (seconds until exit, largest temp size seen)."""
-        largest = temp_size(self.path)
+        """Sends SIGINT; returns (seconds until exit, most bytes seen written)."""
+        largest = written(self)
         self.process.send_signal(signal.SIGINT)
         sent = time.monotonic()
         while self.process.poll() is None:
-            largest = max(largest, temp_size(self.path))
+            largest = max(largest, written(self))
             if time.monotonic() - sent > EXIT_TIMEOUT:
                 self.process.kill()
                 pytest.fail("child did not exit within %ss of SIGINT" % EXIT_TIMEOUT)
@@ -193,7 +190,7 @@ def test_ctrl_c_during_a_large_write_stops_it_early(existing_dest, child_factory
     # then certainly inside the write loop, not in Python code.
     threshold = _C.CHUNK_BYTES
     deadline = time.monotonic() + STARTUP_TIMEOUT
-    while temp_size(existing_dest) < threshold:
+    while written(child) < threshold:
         if child.process.poll() is not None or time.monotonic() > deadline:
             child.kill()
             pytest.fail(f"save never got past {threshold} bytes: {child.output()} {child.stderr()}")
@@ -202,4 +199,4 @@ def test_ctrl_c_during_a_large_write_stops_it_early(existing_dest, child_factory
     assert_interrupted_cleanly(child, elapsed, existing_dest)
     # Honouring the signal only after the whole tensor (or all tensors)
     # would have let the temp file grow to the full size first.
-    assert largest < total // 2, f"temp file reached {largest >> 20} MiB of {total >> 20} MiB before stopping"
+    assert largest < total // 2, f"child wrote {largest >> 20} MiB of {total >> 20} MiB before stopping"

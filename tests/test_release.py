@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_python
+from conftest import bytes_written, run_python
 from trinity_stream_saver import _C, save_safetensors_streaming
 
 
@@ -208,10 +208,7 @@ def test_other_python_threads_run_while_a_tensor_is_written(dest):
     thread.start()
     seen_mid_write = []
     while thread.is_alive():
-        try:
-            size = os.stat(dest + ".tmp").st_size
-        except FileNotFoundError:
-            size = 0
+        size = bytes_written(tid=thread.native_id)
         # This line runs only if the saver released the GIL while writing.
         if _C.CHUNK_BYTES <= size < total:
             seen_mid_write.append(size)

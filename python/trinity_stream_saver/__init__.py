@@ -8,7 +8,9 @@ writing happen in ``trinity_stream_saver._C``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, Optional, Union
 
@@ -20,6 +22,8 @@ __all__ = [
     "TensorMeta",
     "StateDictMeta",
     "collect_state_dict_meta",
+    "finalize",
+    "finalize_async",
     "save_safetensors_streaming",
 ]
 
@@ -132,6 +136,15 @@ def _is_valid_unicode(text: str) -> bool:
     return True
 
 
+def _path(argument: str, value: object) -> str:
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise TypeError(f"{argument} must be a str or os.PathLike of str, not {path!r}.")
+    if "\0" in path:
+        raise ValueError(f"{argument} {path!r} contains a null byte; no file can have that name.")
+    return path
+
+
 def _reject_mapping(tensor_iter: object) -> None:
     # Iterating a dict yields its keys, which would fail on the first item
     # with a less helpful message.
@@ -165,6 +178,8 @@ def save_safetensors_streaming(
     *,
     rename: bool = True,
     metadata: Optional[Mapping[str, str]] = None,
+    fsync: bool = False,
+    overlap: bool = False,
 ) -> str:
     """Stream-write a safetensors file, holding only one tensor in memory.
 
@@ -179,6 +194,11 @@ def save_safetensors_streaming(
         rename: if True, atomically replace ``filepath`` with the finished
             file; if False, leave it at ``filepath + ".tmp"`` for the caller.
         metadata: optional ``dict[str, str]`` stored as ``__metadata__``.
+        fsync: if True, the data is on disk before the rename and the rename
+            is on disk before returning (with ``rename=False``: the data).
+        overlap: if True, a C++ thread writes tensor k while the iterator
+            produces tensor k+1, so one tensor beyond the one being written
+            may be alive; off by default, which holds one tensor at a time.
 
     Returns:
         ``str(filepath)`` if ``rename`` else the temporary file's path.
@@ -187,11 +207,7 @@ def save_safetensors_streaming(
     ``filepath`` is left untouched.
     """
     _reject_mapping(tensor_iter)
-    path = os.fspath(filepath)
-    if not isinstance(path, str):
-        raise TypeError(f"filepath must be a str or os.PathLike of str, not {path!r}.")
-    if "\0" in path:
-        raise ValueError(f"filepath {path!r} contains a null byte; no file can have that name.")
+    path = _path("filepath", filepath)
     temp_path = path + ".tmp"
     meta = _normalise_meta(state_dict_meta)
     extra = _normalise_metadata(metadata)
@@ -201,8 +217,51 @@ def save_safetensors_streaming(
         os.fsencode(path) if rename else None,
         meta,
         extra,
+        bool(fsync),
+        bool(overlap),
     )
     return path if rename else temp_path
+
+
+def finalize(
+    tmp_path: Union[str, os.PathLike], filepath: Union[str, os.PathLike], *, fsync: bool = True
+) -> str:
+    """Finish a save made with ``rename=False``: with ``fsync``, put the temp
+    file's data on disk, atomically rename it to ``filepath``, and put the
+    rename on disk. Returns ``filepath`` as ``str``. If the rename cannot
+    happen, the temp file stays where it is.
+    """
+    temp = _path("tmp_path", tmp_path)
+    path = _path("filepath", filepath)
+    _C.finalize(os.fsencode(temp), os.fsencode(path), bool(fsync))
+    return path
+
+
+def finalize_async(
+    tmp_path: Union[str, os.PathLike], filepath: Union[str, os.PathLike], *, fsync: bool = True
+) -> concurrent.futures.Future:
+    """``finalize`` on a background thread, so that training goes on while
+    the checkpoint is made durable. Returns a Future of the final path;
+    errors surface through it. Finalizations run one at a time, in the order
+    they were requested, and complete before the interpreter exits.
+    """
+    temp = _path("tmp_path", tmp_path)
+    path = _path("filepath", filepath)
+    return _finalizer().submit(finalize, temp, path, fsync=fsync)
+
+
+_finalizer_lock = threading.Lock()
+_finalizer_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+
+def _finalizer() -> concurrent.futures.ThreadPoolExecutor:
+    global _finalizer_pool
+    with _finalizer_lock:
+        if _finalizer_pool is None:
+            _finalizer_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="trinity_stream_saver-finalize"
+            )
+        return _finalizer_pool
 
 
 def collect_state_dict_meta(
