@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
 # Runs every test: sets the project up (scripts/setup.sh), builds and runs
-# the C++ GoogleTest suite, then the Python suite. Exits non-zero if any
-# test fails. Extra arguments go to pytest.
+# the C++ GoogleTest suite (plainly and under ASan+UBSan), then the Python
+# suite. Exits non-zero if any test fails. Extra arguments go to pytest.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${TSS_VENV:-$ROOT/.venv}"
-BUILD="$ROOT/build-cmake"
 
 "$ROOT/scripts/setup.sh"
 
+# Builds the C++ tests in build directory $1 with the CMake options that
+# follow, and runs them.
+cpp_tests() {
+  local build="$1"
+  shift
+  "$VENV/bin/cmake" -S "$ROOT" -B "$build" -G Ninja \
+    -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" \
+    -DCMAKE_PREFIX_PATH="$("$VENV/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+    -DCMAKE_POLICY_VERSION_MINIMUM=3.5 "$@" >/dev/null
+  "$VENV/bin/cmake" --build "$build" -j "$(nproc)"
+  "$VENV/bin/ctest" --test-dir "$build" --output-on-failure -j "$(nproc)"
+}
+
 echo "== C++ tests (GoogleTest)"
-"$VENV/bin/cmake" -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" \
-  -DCMAKE_PREFIX_PATH="$("$VENV/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
-  -DCMAKE_POLICY_VERSION_MINIMUM=3.5 >/dev/null
-"$VENV/bin/cmake" --build "$BUILD" -j "$(nproc)"
-"$VENV/bin/ctest" --test-dir "$BUILD" --output-on-failure -j "$(nproc)"
+cpp_tests "$ROOT/build-cmake" -DCMAKE_BUILD_TYPE=Release
+
+echo "== C++ tests under AddressSanitizer and UndefinedBehaviorSanitizer"
+cpp_tests "$ROOT/build-asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSTREAM_SAVER_SANITIZE=ON
 
 echo "== Python tests (pytest)"
 # Run from the tests directory against the installed package, not the
