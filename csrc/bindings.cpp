@@ -10,12 +10,12 @@
 
 #include <optional>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "background_writer.h"
 #include "dtype.h"
 #include "durability.h"
+#include "meta_from_python.h"
 #include "errors.h"
 #include "tensor_writer.h"
 #include "torch_dtype.h"
@@ -24,8 +24,6 @@ namespace py = pybind11;
 
 namespace trinity_stream_saver {
 namespace {
-
-using MetaRow = std::tuple<std::string, std::string, std::vector<std::int64_t>>;
 
 // Raises KeyboardInterrupt (or whatever a signal handler raised) in C++ form.
 void raise_pending_signals() {
@@ -143,12 +141,10 @@ void write_overlapped(py::handle iterator, TensorWriter& writer) {
 }
 
 void save(py::handle tensor_iter, const std::string& temp_path,
-          const std::optional<std::string>& destination,
-          const std::vector<MetaRow>& meta_rows,
-          const std::optional<Metadata>& metadata, bool sync, bool overlap) {
-  std::vector<TensorMeta> meta;
-  meta.reserve(meta_rows.size());
-  for (const auto& [name, dtype, shape] : meta_rows) meta.push_back({name, dtype, shape});
+          const std::optional<std::string>& destination, py::handle state_dict_meta,
+          py::handle resolve_dtype, const std::optional<Metadata>& metadata, bool sync,
+          bool overlap) {
+  const std::vector<TensorMeta> meta = meta_from_python(state_dict_meta, resolve_dtype);
 
   py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(tensor_iter.ptr()));
   if (!iterator) throw py::error_already_set();
@@ -223,8 +219,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "C++ core of trinity_stream_saver; use the Python package's API.";
   py::register_exception_translator(&tss::translate_errors);
   m.def("save", &tss::save, py::arg("tensor_iter"), py::arg("temp_path"),
-        py::arg("destination"), py::arg("meta"), py::arg("metadata"), py::arg("sync"),
-        py::arg("overlap"),
+        py::arg("destination"), py::arg("state_dict_meta"), py::arg("resolve_dtype"),
+        py::arg("metadata"), py::arg("sync"), py::arg("overlap"),
         "Streams (name, tensor) items into temp_path; renames it to destination "
         "unless destination is None.");
   m.def("finalize", &tss::finalize_file, py::arg("temp_path"), py::arg("destination"),

@@ -11,6 +11,23 @@ namespace {
 // character outside 0x20-0x7E becomes \uXXXX (lowercase hex, surrogate
 // pairs above U+FFFF) except the short escapes \b \f \n \r \t.
 std::string json_string(std::string_view text) {
+  // Most tensor names are plain printable ASCII and need no escaping; they
+  // skip building a JSON value (it matters with 50,000 small tensors).
+  bool plain = true;
+  for (const char c : text) {
+    if (c < 0x20 || c > 0x7e || c == '"' || c == '\\') {
+      plain = false;
+      break;
+    }
+  }
+  if (plain) {
+    std::string quoted;
+    quoted.reserve(text.size() + 2);
+    quoted += '"';
+    quoted += text;
+    quoted += '"';
+    return quoted;
+  }
   return nlohmann::json(std::string(text))
       .dump(/*indent=*/-1, /*indent_char=*/' ', /*ensure_ascii=*/true);
 }

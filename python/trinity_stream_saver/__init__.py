@@ -11,7 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -38,8 +38,6 @@ class TensorMeta(NamedTuple):
 
 StateDictMeta = list[TensorMeta]
 
-_SUPPORTED_DTYPES = frozenset(_C.supported_dtypes())
-_MAX_DIM = 2**63 - 1  # torch sizes are int64
 
 
 def _unsupported_dtype(name: object, dtype: object) -> ValueError:
@@ -50,12 +48,10 @@ def _unsupported_dtype(name: object, dtype: object) -> ValueError:
     )
 
 
-def _safetensors_dtype(name: object, dtype: object) -> str:
-    """The safetensors name of a dtype given as "BF16", torch.bfloat16,
-    "bfloat16" or "torch.bfloat16"."""
+def _resolve_dtype(name: object, dtype: object) -> str:
+    """The safetensors name of a dtype given as torch.bfloat16, "bfloat16" or
+    "torch.bfloat16" (safetensors names such as "BF16" never reach here)."""
     if isinstance(dtype, str):
-        if dtype in _SUPPORTED_DTYPES:
-            return dtype
         torch_dtype = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(torch_dtype, torch.dtype):
             raise _unsupported_dtype(name, dtype)
@@ -71,34 +67,10 @@ def _safetensors_dtype(name: object, dtype: object) -> str:
     return safetensors_name
 
 
-def _shape(name: str, shape: object) -> list[int]:
-    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)):
-        raise TypeError(
-            f"state_dict_meta entry {name!r} has a shape of type "
-            f"{type(shape).__name__}; expected a sequence of ints."
-        )
-    dims = []
-    for dim in shape:
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise TypeError(
-                f"state_dict_meta entry {name!r} has shape {shape!r}; every "
-                f"dimension must be an int."
-            )
-        if dim > _MAX_DIM:
-            raise ValueError(
-                f"state_dict_meta entry {name!r} has shape {list(shape)!r}, a "
-                f"tensor too large to store; check its shape."
-            )
-        if dim < 0:
-            raise ValueError(
-                f"state_dict_meta entry {name!r} has shape {list(shape)!r}; "
-                f"dimensions must not be negative."
-            )
-        dims.append(dim)
-    return dims
-
-
-def _normalise_meta(state_dict_meta: object) -> list[tuple[str, str, list[int]]]:
+def _check_meta(state_dict_meta: object) -> None:
+    # Entries are checked in C++ as they are read: a Python loop over the
+    # tens of thousands of entries of a large model costs more than saving
+    # its small tensors.
     if isinstance(state_dict_meta, (str, bytes, Mapping)) or not isinstance(
         state_dict_meta, Iterable
     ):
@@ -106,34 +78,6 @@ def _normalise_meta(state_dict_meta: object) -> list[tuple[str, str, list[int]]]
             "state_dict_meta must be a list of TensorMeta or (name, dtype, shape) "
             f"tuples, not {type(state_dict_meta).__name__}."
         )
-    rows = []
-    for entry in state_dict_meta:
-        if not isinstance(entry, (tuple, list)) or len(entry) != 3:
-            raise TypeError(
-                "state_dict_meta entries must be TensorMeta or (name, dtype, shape) "
-                f"tuples; got {entry!r}."
-            )
-        name, dtype, shape = entry
-        if not isinstance(name, str):
-            raise TypeError(
-                f"state_dict_meta entry {entry!r} has a name of type "
-                f"{type(name).__name__}; expected a str."
-            )
-        if not _is_valid_unicode(name):
-            raise ValueError(
-                f"state_dict_meta entry {name!r} has a name that is not valid "
-                f"Unicode (a lone surrogate?); rename the tensor."
-            )
-        rows.append((name, _safetensors_dtype(name, dtype), _shape(name, shape)))
-    return rows
-
-
-def _is_valid_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _path(argument: str, value: object) -> str:
@@ -209,13 +153,14 @@ def save_safetensors_streaming(
     _reject_mapping(tensor_iter)
     path = _path("filepath", filepath)
     temp_path = path + ".tmp"
-    meta = _normalise_meta(state_dict_meta)
+    _check_meta(state_dict_meta)
     extra = _normalise_metadata(metadata)
     _C.save(
         tensor_iter,
         os.fsencode(temp_path),
         os.fsencode(path) if rename else None,
-        meta,
+        state_dict_meta,
+        _resolve_dtype,
         extra,
         bool(fsync),
         bool(overlap),
