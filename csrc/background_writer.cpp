@@ -70,6 +70,14 @@ void BackgroundWriter::wait_idle(std::unique_lock<std::mutex>& lock,
 void BackgroundWriter::write(std::string name, at::Tensor tensor, at::Tensor* finished) {
   std::unique_lock<std::mutex> lock(mutex_);
   wait_idle(lock, finished);
+  if (static_cast<std::size_t>(tensor.numel()) * tensor.element_size() < kInlineBytes) {
+    // The worker is idle, so the writer is ours to use on this thread.
+    lock.unlock();
+    writer_.write(name, tensor);
+    lock.lock();
+    written_ = std::move(tensor);
+    return;
+  }
   job_ = Job{std::move(name), std::move(tensor)};
   busy_ = true;
   lock.unlock();

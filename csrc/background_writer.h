@@ -31,6 +31,10 @@ class BackgroundWriter final {
   // How often a waiting caller runs `while_waiting` (e.g. to notice Ctrl-C).
   static constexpr std::chrono::milliseconds kWaitSlice{50};
 
+  // Tensors smaller than this are written on the caller's thread (once the
+  // worker is idle): handing one over costs more than writing it.
+  static constexpr std::size_t kInlineBytes = std::size_t{1} << 20;
+
   // Starts the worker. `writer` must outlive this object. `while_waiting`
   // runs on the caller's thread, without the lock, while write() or
   // finish() waits; whatever it throws propagates.
@@ -44,7 +48,8 @@ class BackgroundWriter final {
   BackgroundWriter& operator=(const BackgroundWriter&) = delete;
 
   // Waits for the previous tensor to be written (rethrowing its error),
-  // returns it to the caller to drop via `finished`, and hands over this one.
+  // returns it to the caller to drop via `finished`, and hands over this one
+  // (or writes it at once if it is small).
   void write(std::string name, at::Tensor tensor, at::Tensor* finished);
 
   // Waits for the last tensor to be written and rethrows its error.

@@ -1,6 +1,9 @@
 #include "file_sink.h"
 
 #include <fcntl.h>
+#include <linux/magic.h>
+#include <sys/statfs.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -27,19 +30,31 @@ FileSink::~FileSink() {
   ::unlink(path_.c_str());
 }
 
-void FileSink::preallocate(std::uint64_t size) {
+void FileSink::reserve_space(std::uint64_t size) {
   // No real save is 2^63 bytes; such metadata fails later, at its tensors.
   if (size == 0 || size > static_cast<std::uint64_t>(INT64_MAX)) return;
-  // fallocate(), not posix_fallocate(): where the filesystem cannot
-  // preallocate, glibc's posix_fallocate() writes zeros over the whole
-  // size, which would double the I/O of the save.
-  int result = 0;
-  do {
-    result = ::fallocate(fd_, 0, 0, static_cast<off_t>(size));
-  } while (result != 0 && errno == EINTR);
-  if (result == 0) return;
-  if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) return;
-  throw OsError(errno, path_, "reserve " + std::to_string(size) + " bytes of disk space");
+  const std::string action = "reserve " + std::to_string(size) + " bytes of disk space";
+  struct statfs filesystem {};
+  const bool in_memory = ::fstatfs(fd_, &filesystem) == 0 &&
+                         (filesystem.f_type == TMPFS_MAGIC || filesystem.f_type == RAMFS_MAGIC);
+  if (!in_memory) {
+    // fallocate(), not posix_fallocate(): where the filesystem cannot
+    // preallocate, glibc's posix_fallocate() writes zeros over the whole
+    // size, which would double the I/O of the save.
+    int result = 0;
+    do {
+      result = ::fallocate(fd_, 0, 0, static_cast<off_t>(size));
+    } while (result != 0 && errno == EINTR);
+    if (result == 0) return;
+    if (errno != EOPNOTSUPP && errno != ENOSYS && errno != EINVAL) {
+      throw OsError(errno, path_, action);
+    }
+  }
+  struct statvfs space {};
+  if (::fstatvfs(fd_, &space) != 0 || space.f_frsize == 0) return;  // nothing to check against
+  // root may also write into the blocks reserved for it.
+  const std::uint64_t blocks = ::geteuid() == 0 ? space.f_bfree : space.f_bavail;
+  if (blocks < size / space.f_frsize + 1) throw OsError(ENOSPC, path_, action);
 }
 
 void FileSink::truncate(std::uint64_t size) {

@@ -28,10 +28,12 @@ class FileSink final {
   FileSink(const FileSink&) = delete;
   FileSink& operator=(const FileSink&) = delete;
 
-  // Reserves disk space for a file of `size` bytes, so that a full disk
-  // fails now rather than after minutes of writing. Silently does nothing
-  // where the filesystem cannot preallocate. Throws OsError (ENOSPC, EFBIG).
-  void preallocate(std::uint64_t size);
+  // Makes sure a file of `size` bytes fits, so that a full disk fails now
+  // rather than after minutes of writing: preallocates it where that is
+  // cheap, and otherwise (tmpfs, where preallocating zero-fills memory that
+  // the write then overwrites, or a filesystem that cannot) checks the free
+  // space. Throws OsError (ENOSPC, EFBIG).
+  void reserve_space(std::uint64_t size);
 
   // Moves the append position to `offset` (leaving a hole to fill later).
   void seek(std::uint64_t offset);

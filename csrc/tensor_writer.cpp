@@ -146,7 +146,7 @@ TensorWriter::TensorWriter(std::string path, const std::vector<TensorMeta>& meta
   if (metadata) header_.append(metadata_entry(*metadata));
   std::uint64_t file_size = 0;
   if (!__builtin_add_overflow(8 + reserved_, planned_.data_size, &file_size)) {
-    sink_.preallocate(file_size);
+    sink_.reserve_space(file_size);
   }
   sink_.seek(8 + reserved_);
 }

@@ -43,12 +43,13 @@ class TensorWriter final {
  public:
   // Large tensors are written in pieces of this size, with `between_chunks`
   // called between pieces (where the bindings check for Ctrl-C); the same
-  // size bounds the buffer that puts a non-contiguous tensor in C order.
-  static constexpr std::size_t kChunkBytes = std::size_t{64} << 20;
+  // size bounds the buffer that puts a non-contiguous tensor in C order, so
+  // that such a tensor costs at most this much memory on top of itself.
+  static constexpr std::size_t kChunkBytes = std::size_t{32} << 20;
 
   // Validates `meta`, reserves the header that it and `metadata` describe
-  // and creates `path`, preallocating the whole file that `meta` describes
-  // (so that a full disk fails before any data is written). Without `metadata` the header has no "__metadata__"
+  // and creates `path`, reserving space for the whole file that `meta`
+  // describes (so that a full disk fails before any data is written). Without `metadata` the header has no "__metadata__"
   // entry; an empty one is written as {} (as safetensors does). Throws
   // ValueError for bad metadata (before creating any file), OsError if the
   // file cannot be created.

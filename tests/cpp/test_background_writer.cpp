@@ -60,11 +60,21 @@ TEST(BackgroundWriter, GivesEachWrittenTensorBackToTheCaller) {
 
 TEST(BackgroundWriter, RethrowsTheWorkersErrorAtTheNextCall) {
   ScratchDir dir;
+  TensorWriter writer(dir.file("f.tmp"), meta_for(2, 1 << 18), std::nullopt);
+  BackgroundWriter background(writer, {});
+  at::Tensor finished;
+  // Large enough to be handed to the worker; a dtype it must refuse.
+  background.write("t0", at::zeros({1 << 18}, at::kComplexDouble), &finished);
+  EXPECT_THROW(background.finish(&finished), ValueError);
+}
+
+TEST(BackgroundWriter, WritesSmallTensorsOnTheCallersThreadAndThrowsAtOnce) {
+  ScratchDir dir;
   TensorWriter writer(dir.file("f.tmp"), meta_for(2, 10), std::nullopt);
   BackgroundWriter background(writer, {});
   at::Tensor finished;
-  background.write("t0", at::zeros({10}, at::kComplexDouble), &finished);
-  EXPECT_THROW(background.finish(&finished), ValueError);
+  EXPECT_THROW(background.write("t0", at::zeros({10}, at::kComplexDouble), &finished),
+               ValueError);
 }
 
 TEST(BackgroundWriter, RunsTheWaitHookWhileTheWorkerIsBusyAndLetsItStopTheWait) {

@@ -1,7 +1,10 @@
 #include "file_sink.h"
 
 #include <gtest/gtest.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <filesystem>
@@ -48,11 +51,12 @@ TEST(FileSink, WriteAtFillsAHoleLeftBySeek) {
   EXPECT_EQ(read_file(dir.file("f.tmp")), "headdata");
 }
 
-TEST(FileSink, PreallocateSizesTheFileAndTruncateCutsIt) {
+// The scratch directory is on disk (/tmp): there, space is preallocated.
+TEST(FileSink, ReserveSpacePreallocatesOnDiskAndTruncateCutsIt) {
   ScratchDir dir;
   {
     FileSink sink(dir.file("f.tmp"));
-    sink.preallocate(1 << 20);
+    sink.reserve_space(1 << 20);
     EXPECT_EQ(std::filesystem::file_size(dir.file("f.tmp")), 1u << 20);
     sink.append("data", 4);
     sink.truncate(4);
@@ -61,11 +65,32 @@ TEST(FileSink, PreallocateSizesTheFileAndTruncateCutsIt) {
   EXPECT_EQ(read_file(dir.file("f.tmp")), "data");
 }
 
-TEST(FileSink, PreallocatingMoreThanTheFileSizeLimitIsAnOsError) {
+TEST(FileSink, ReservingMoreThanTheDiskHoldsIsAnOsError) {
   ScratchDir dir;
   FileSink sink(dir.file("f.tmp"));
   // Far beyond any real disk, but representable: the filesystem must refuse.
-  EXPECT_THROW(sink.preallocate(std::uint64_t{1} << 62), OsError);
+  EXPECT_THROW(sink.reserve_space(std::uint64_t{1} << 62), OsError);
+}
+
+TEST(FileSink, ReserveSpaceOnTmpfsChecksFreeSpaceWithoutFillingMemory) {
+  struct statfs filesystem {};
+  if (::statfs("/dev/shm", &filesystem) != 0 || filesystem.f_type != TMPFS_MAGIC) {
+    GTEST_SKIP() << "/dev/shm is not a tmpfs here";
+  }
+  const std::string path = "/dev/shm/stream_saver_test_" + std::to_string(::getpid());
+  {
+    FileSink sink(path);
+    sink.reserve_space(1 << 20);
+    EXPECT_EQ(std::filesystem::file_size(path), 0u);
+    try {
+      sink.reserve_space(std::uint64_t{1} << 60);
+      FAIL() << "expected ENOSPC";
+    } catch (const OsError& error) {
+      EXPECT_EQ(error.error_number(), ENOSPC);
+      EXPECT_EQ(error.path(), path);
+    }
+  }
+  EXPECT_FALSE(exists(path));
 }
 
 TEST(FileSink, CloseAndRenameWithSyncReplacesTheDestination) {
