@@ -93,28 +93,18 @@ TEST(FileSink, ReserveSpaceOnTmpfsChecksFreeSpaceWithoutFillingMemory) {
   EXPECT_FALSE(exists(path));
 }
 
-TEST(FileSink, CloseAndRenameWithSyncReplacesTheDestination) {
-  ScratchDir dir;
-  write_file(dir.file("f"), "old contents");
-  {
-    FileSink sink(dir.file("f.tmp"));
-    sink.append("new", 3);
-    sink.close_and_rename(dir.file("f"), /*sync=*/true);
+TEST(FileSink, CloseAndRenameReplacesTheDestinationWithOrWithoutSync) {
+  for (const bool sync : {false, true}) {
+    ScratchDir dir;
+    write_file(dir.file("f"), "old contents");
+    {
+      FileSink sink(dir.file("f.tmp"));
+      sink.append("new", 3);
+      sink.close_and_rename(dir.file("f"), sync);
+    }
+    EXPECT_EQ(read_file(dir.file("f")), "new") << "sync=" << sync;
+    EXPECT_FALSE(exists(dir.file("f.tmp"))) << "sync=" << sync;
   }
-  EXPECT_EQ(read_file(dir.file("f")), "new");
-  EXPECT_FALSE(exists(dir.file("f.tmp")));
-}
-
-TEST(FileSink, CloseAndRenameReplacesTheDestination) {
-  ScratchDir dir;
-  write_file(dir.file("f"), "old contents");
-  {
-    FileSink sink(dir.file("f.tmp"));
-    sink.append("new", 3);
-    sink.close_and_rename(dir.file("f"), /*sync=*/false);
-  }
-  EXPECT_EQ(read_file(dir.file("f")), "new");
-  EXPECT_FALSE(exists(dir.file("f.tmp")));
 }
 
 TEST(FileSink, ReplacesAStaleTemporaryFile) {
