@@ -17,7 +17,7 @@ as_root() {
 
 install_debian_packages() {
   # strace: the durability tests watch the order of fsync and rename.
-  local packages=(g++ nlohmann-json3-dev libgtest-dev python3-venv strace)
+  local packages=(g++ nlohmann-json3-dev libgtest-dev strace)
   local missing=()
   for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||
