@@ -30,6 +30,12 @@ void raise_pending_signals() {
   if (PyErr_CheckSignals() != 0) throw py::error_already_set();
 }
 
+// The same, from code that runs with the GIL released: takes it briefly.
+void raise_pending_signals_without_gil() {
+  py::gil_scoped_acquire gil;
+  raise_pending_signals();
+}
+
 std::string short_repr(py::handle object) {
   std::string text = py::repr(object).cast<std::string>();
   if (text.size() > 80) text = text.substr(0, 77) + "...";
@@ -107,12 +113,8 @@ void write_in_turn(py::handle iterator, TensorWriter& writer) {
 void write_overlapped(py::handle iterator, TensorWriter& writer) {
   // Waiting for the worker happens without the GIL; take it back briefly
   // and often enough that Ctrl-C is noticed.
-  auto while_waiting = [] {
-    py::gil_scoped_acquire gil;
-    raise_pending_signals();
-  };
   std::optional<BackgroundWriter> background;
-  background.emplace(writer, while_waiting);
+  background.emplace(writer, raise_pending_signals_without_gil);
   std::string name;
   at::Tensor tensor;
   at::Tensor finished;
@@ -151,14 +153,10 @@ void save(py::handle tensor_iter, const std::string& temp_path,
 
   // Between chunks of a large tensor the GIL is released; take it back
   // briefly so that Ctrl-C stops a multi-GB write within a chunk's time.
-  auto between_chunks = [] {
-    py::gil_scoped_acquire gil;
-    raise_pending_signals();
-  };
   std::optional<TensorWriter> writer;
   {
     py::gil_scoped_release nogil;
-    writer.emplace(temp_path, meta, metadata, between_chunks);
+    writer.emplace(temp_path, meta, metadata, raise_pending_signals_without_gil);
   }
   if (overlap) {
     write_overlapped(iterator, *writer);
