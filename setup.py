@@ -30,7 +30,8 @@ setup(
             name="trinity_stream_saver._C",
             sources=SOURCES,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args=["-O2", "-Wall"],
+            # C++20 (std::span, std::endian): older torch would otherwise add -std=c++17.
+            extra_compile_args=["-O2", "-Wall", "-std=c++20"],
         )
     ],
     cmdclass={"build_ext": BuildExtension},
