@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The checks that need the lent GPU machine (the `device` tool), as one
+# script that fits its 15-minute lease:
+#   1. build the extension against that machine's own torch (a CUDA build);
+#   2. the tests that need CUDA (tests/test_cuda.py, the CUDA rejection test)
+#      and the fast suites beside them;
+#   3. issue 3 item 5: an 8 GiB save on 16 cores, and whether splitting one
+#      tensor's write over threads (pwrite at disjoint offsets) beats a
+#      single stream: bench.py's raw_pwrite_xN against raw_os_write;
+#   4. the real slow producer: tensors copied from the GPU with .cpu();
+#   5. the 8 GiB save again on the machine's disk, if time is left.
+# Each stage has its own time limit and the script goes on after a stage
+# fails, so that one run brings back everything it can. Results go to $OUT
+# (at most 8 files come back): device.log, pytest.log, and a JSON and a PNG
+# per benchmark.
+#
+# That machine reaches no package registry, and nlohmann_json is a Debian
+# package here: copy its headers into an ignored folder and carry it:
+#   mkdir -p .device/include && cp -r /usr/include/nlohmann .device/include/
+#   echo /.device/ >> .git/info/exclude
+# then run: `bash benchmarks/device_check.sh` with carry [".device"].
+set -u
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-$ROOT/device-out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+START=$SECONDS
+BUDGET="${TSS_DEVICE_BUDGET_S:-500}"  # seconds this script may take in all
+MIB="${TSS_DEVICE_MIB:-8192}"          # size of each benchmark's save
+
+exec > >(tee -a "$OUT/device.log") 2>&1
+say() { echo "[$((SECONDS - START)) s] $*"; }
+left() { echo $((BUDGET - (SECONDS - START))); }
+# Runs "$@" with at most $1 seconds (capped by what is left), or skips it.
+stage() {
+  local limit="$1"
+  shift
+  local allowed
+  allowed=$(left)
+  [ "$allowed" -gt "$limit" ] && allowed="$limit"
+  if [ "$allowed" -lt 30 ]; then
+    say "SKIPPED (only $(left) s left): $*"
+    return 0
+  fi
+  say "start (limit ${allowed} s): $*"
+  timeout --signal=INT --kill-after=10 "$allowed" "$@"
+  say "exit status $?: $1 ..."
+}
+
+say "machine: $(nproc) CPUs, $(free -g | awk '/Mem:/ {print $2}') GiB RAM"
+nvidia-smi -L 2>&1 | head -2
+"$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
+"cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
+df -h /tmp /dev/shm | sed 's/^/  /'
+grep -E ' (/|/tmp|/dev/shm) ' /proc/mounts | sed 's/^/  mount: /'
+
+# 1. Build against this machine's torch.
+[ -d "$ROOT/.device/include" ] && export CPLUS_INCLUDE_PATH="$ROOT/.device/include"
+export MAX_JOBS="$(nproc)"
+stage 240 "$PY" -m pip install -q --no-build-isolation --no-deps --no-cache-dir "$ROOT" \
+  > "$OUT/build.log" 2>&1
+if ! (cd /tmp && "$PY" -c 'import trinity_stream_saver._C'); then
+  tail -40 "$OUT/build.log"
+  say "the extension did not build; nothing else can run"
+  exit 1
+fi
+rm -f "$OUT/build.log"
+say "built: $(cd /tmp && "$PY" -c 'import trinity_stream_saver as t; print(t.__file__)')"
+
+# 2. Tests: the CUDA ones, and the fast suites beside them.
+XDIST=()
+"$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
+(cd "$ROOT/tests" && stage 120 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -rs \
+  test_cuda.py test_bad_input.py test_roundtrip.py test_overlap.py test_dtypes.py \
+  > "$OUT/pytest.log" 2>&1)
+tail -15 "$OUT/pytest.log"
+
+# A tmpfs of our own, so that the size of /dev/shm on that machine does not matter.
+SHM=/mnt/tss-tmpfs
+mkdir -p "$SHM"
+mount -t tmpfs -o size=40g tmpfs "$SHM" 2>/dev/null || SHM=/dev/shm
+BENCH=("$PY" "$ROOT/benchmarks/bench.py")
+
+# 3. Issue 3 item 5 in memory: 8 GiB, 64 tensors of 128 MiB.
+stage 210 "${BENCH[@]}" --dir "$SHM" --rounds 3 --scenarios large --large-mib "$MIB" \
+  --large-tensor-mib 128 \
+  --methods trinity_stream_saver,trinity_overlap,raw_os_write,raw_pwrite_x4,raw_pwrite_x16 \
+  --json "$OUT/large_tmpfs.json" --plot "$OUT/large_tmpfs.png"
+
+# 4. The real slow producer: 4 GiB on the GPU, each tensor copied with .cpu().
+stage 120 "${BENCH[@]}" --dir "$SHM" --rounds 3 --scenarios gpu_producer --gpu-mib "$((MIB / 2))" \
+  --methods trinity_stream_saver,trinity_overlap,raw_os_write,produce_only \
+  --json "$OUT/gpu_producer.json" --plot "$OUT/gpu_producer.png"
+
+# 5. The 8 GiB save on the disk, single stream against 16 threads.
+stage 200 "${BENCH[@]}" --dir /var/tmp --rounds 2 --scenarios large --large-mib "$MIB" \
+  --large-tensor-mib 128 --methods trinity_stream_saver,raw_os_write,raw_pwrite_x16 \
+  --json "$OUT/large_disk.json" --plot "$OUT/large_disk.png"
+
+umount "$SHM" 2>/dev/null
+say "done"
