@@ -10,6 +10,7 @@
 #include <unordered_set>
 
 #include "errors.h"
+#include "transpose.h"
 
 namespace trinity_stream_saver {
 
@@ -50,6 +51,15 @@ bool has_plain_cpu_memory(const at::Tensor& tensor) {
   } catch (const c10::Error&) {
     return false;  // storage that refuses to give its data pointer
   }
+}
+
+// A transposed matrix (tensor.t(), or rows of one): what
+// transpose_to_row_major copies faster than torch's strided copy.
+// Conjugated or negated views need torch's copy, which applies the flag.
+bool is_column_major_matrix(const at::Tensor& view) {
+  return view.dim() == 2 && view.size(0) > 1 && view.size(1) > 1 && view.stride(0) == 1 &&
+         view.stride(1) >= view.size(0) && view.element_size() <= 8 && !view.is_conj() &&
+         !view.is_neg();
 }
 
 std::string quoted(const std::string& name) { return "'" + name + "'"; }
@@ -265,6 +275,12 @@ void TensorWriter::stage_and_append(const at::Tensor& view) {
   const std::int64_t size = view.numel() * view.element_size();
   if (!staging_.defined() || staging_.numel() < size) {
     staging_ = at::empty({size}, at::TensorOptions().dtype(at::kByte));
+  }
+  if (is_column_major_matrix(view)) {
+    transpose_to_row_major(view.const_data_ptr(), view.size(0), view.size(1), view.stride(1),
+                           view.element_size(), staging_.mutable_data_ptr());
+    sink_.append(staging_.const_data_ptr(), static_cast<std::size_t>(size));
+    return;
   }
   at::Tensor source = view;
   at::Tensor target = staging_.narrow(0, 0, size);

@@ -381,6 +381,20 @@ def test_large_non_contiguous_tensor_bigger_than_a_chunk_round_trips(dest):
         assert torch.equal(file.get_tensor("tail"), torch.arange(3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e5m2, torch.bfloat16, torch.float32, torch.complex64],
+                         ids=str)
+def test_large_transposed_matrix_of_every_element_width_round_trips(dest, dtype):
+    # Rows of a transposed matrix go through the tiled transpose, one chunk
+    # of rows at a time; odd sizes leave partial tiles at both edges.
+    width = torch.empty((), dtype=dtype).element_size()
+    rows = (_C.CHUNK_BYTES + (3 << 20)) // (width * 1027)
+    view = make_tensor(dtype, (1027, rows), seed=width).t()
+    assert view.stride(0) == 1 and view.numel() * width > _C.CHUNK_BYTES
+    save([("big", view)], dest)
+    with safe_open(dest, framework="pt") as file:
+        assert_tensors_identical(file.get_tensor("big"), view)
+
+
 def test_large_tensor_whose_single_row_exceeds_a_chunk_round_trips(dest):
     generator = torch.Generator().manual_seed(43)
     base = torch.randint(0, 256, (1, 2 * (_C.CHUNK_BYTES + (8 << 20))), dtype=torch.uint8, generator=generator)
