@@ -668,7 +668,9 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["scenarios"])
-    figure, axes = plt.subplots(2, len(names), figsize=(4.8 * len(names), 8.5), squeeze=False)
+    # At least two panels wide, so that the title fits above one scenario.
+    figure, axes = plt.subplots(2, len(names), figsize=(4.8 * max(2, len(names)), 8.5),
+                                squeeze=False)
     colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
     for column, name in enumerate(names):
         summary = report["scenarios"][name]["summary"]
