@@ -21,7 +21,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SOURCES = sorted(
-    os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
+    os.path.relpath(path, ROOT)
+    for path in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
 )
 
 setup(
@@ -29,7 +30,7 @@ setup(
         CppExtension(
             name="trinity_stream_saver._C",
             sources=SOURCES,
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=[os.path.join(ROOT, "include"), os.path.join(ROOT, "csrc")],
             # C++20 (std::span, std::endian): older torch would otherwise add -std=c++17.
             extra_compile_args=["-O2", "-Wall", "-std=c++20"],
         )

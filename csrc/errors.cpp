@@ -1,4 +1,4 @@
-#include "errors.h"
+#include <trinity_stream_saver/errors.h>
 
 #include <cstring>
 

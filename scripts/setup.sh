@@ -49,7 +49,8 @@ create_venv() {
 install_extension() {
   local stamp="$VENV/.extension.sha256"
   local wanted
-  wanted="$(cd "$ROOT" && cat setup.py pyproject.toml csrc/* python/trinity_stream_saver/*.py | sha256sum | cut -d' ' -f1)"
+  wanted="$(cd "$ROOT" && find setup.py pyproject.toml csrc include python -type f \
+    -not -path '*/__pycache__/*' | sort | xargs cat | sha256sum | cut -d' ' -f1)"
   if [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ] &&
     (cd / && "$VENV/bin/python" -c "import trinity_stream_saver" 2>/dev/null); then
     return

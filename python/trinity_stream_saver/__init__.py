@@ -152,20 +152,19 @@ def save_safetensors_streaming(
     """
     _reject_mapping(tensor_iter)
     path = _path("filepath", filepath)
-    temp_path = path + ".tmp"
     _check_meta(state_dict_meta)
     extra = _normalise_metadata(metadata)
-    _C.save(
+    written = _C.save(
         tensor_iter,
-        os.fsencode(temp_path),
-        os.fsencode(path) if rename else None,
+        os.fsencode(path),
         state_dict_meta,
         _resolve_dtype,
         extra,
+        bool(rename),
         bool(fsync),
         bool(overlap),
     )
-    return path if rename else temp_path
+    return path if rename else os.fsdecode(written)
 
 
 def finalize(

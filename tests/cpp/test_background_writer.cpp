@@ -1,4 +1,4 @@
-#include "background_writer.h"
+#include "writer/background_writer.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "errors.h"
+#include <trinity_stream_saver/errors.h>
 #include "test_support.h"
 
 namespace trinity_stream_saver {

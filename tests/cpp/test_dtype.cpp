@@ -1,4 +1,4 @@
-#include "dtype.h"
+#include "format/dtype.h"
 
 #include <gtest/gtest.h>
 

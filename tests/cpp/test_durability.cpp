@@ -1,11 +1,11 @@
-#include "durability.h"
+#include "io/durability.h"
 
 #include <gtest/gtest.h>
 
 #include <cerrno>
 #include <string>
 
-#include "errors.h"
+#include <trinity_stream_saver/errors.h>
 #include "test_support.h"
 
 namespace trinity_stream_saver {
@@ -21,7 +21,7 @@ TEST(Finalize, RenamesTheTemporaryFileOverTheDestination) {
     ScratchDir dir;
     write_file(dir.file("f"), "old");
     write_file(dir.file("f.tmp"), "new");
-    finalize(dir.file("f.tmp"), dir.file("f"), sync);
+    finalize_file(dir.file("f.tmp"), dir.file("f"), sync);
     EXPECT_EQ(read_file(dir.file("f")), "new");
     EXPECT_FALSE(exists(dir.file("f.tmp")));
   }
@@ -30,7 +30,7 @@ TEST(Finalize, RenamesTheTemporaryFileOverTheDestination) {
 TEST(Finalize, MissingTemporaryFileIsAnOsErrorNamingIt) {
   ScratchDir dir;
   try {
-    finalize(dir.file("f.tmp"), dir.file("f"), /*sync=*/true);
+    finalize_file(dir.file("f.tmp"), dir.file("f"), /*sync=*/true);
     FAIL() << "expected OsError";
   } catch (const OsError& error) {
     EXPECT_EQ(error.error_number(), ENOENT);
@@ -42,7 +42,7 @@ TEST(Finalize, FailedRenameLeavesTheTemporaryFileInPlace) {
   ScratchDir dir;
   write_file(dir.file("f.tmp"), "new");
   try {
-    finalize(dir.file("f.tmp"), dir.file("missing/f"), /*sync=*/true);
+    finalize_file(dir.file("f.tmp"), dir.file("missing/f"), /*sync=*/true);
     FAIL() << "expected OsError";
   } catch (const OsError& error) {
     EXPECT_EQ(error.error_number(), ENOENT);

@@ -1,4 +1,4 @@
-#include "file_sink.h"
+#include "io/file_sink.h"
 
 #include <gtest/gtest.h>
 #include <linux/magic.h>
@@ -10,7 +10,7 @@
 #include <filesystem>
 #include <string>
 
-#include "errors.h"
+#include <trinity_stream_saver/errors.h>
 #include "test_support.h"
 
 namespace trinity_stream_saver {

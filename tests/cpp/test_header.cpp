@@ -1,4 +1,4 @@
-#include "header.h"
+#include "format/header.h"
 
 #include <gtest/gtest.h>
 
@@ -7,7 +7,7 @@
 namespace trinity_stream_saver {
 namespace {
 
-const Dtype kBf16{"BF16", 16};
+const Dtype kBf16 = dtype_of(DtypeId::BF16);
 
 TEST(TensorEntry, IsCompactJsonInSafetensorsKeyOrder) {
   const std::vector<std::int64_t> shape{4, 8};

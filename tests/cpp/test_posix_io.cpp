@@ -1,4 +1,4 @@
-#include "posix_io.h"
+#include "io/posix_io.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -7,7 +7,7 @@
 #include <cerrno>
 #include <string>
 
-#include "errors.h"
+#include <trinity_stream_saver/errors.h>
 #include "test_support.h"
 
 namespace trinity_stream_saver {

@@ -9,7 +9,7 @@
 #include <tuple>
 #include <vector>
 
-#include "transpose.h"
+#include "writer/transpose.h"
 
 namespace trinity_stream_saver {
 namespace {

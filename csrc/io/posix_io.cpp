@@ -1,10 +1,10 @@
-#include "posix_io.h"
+#include "io/posix_io.h"
 
 #include <unistd.h>
 
 #include <cerrno>
 
-#include "errors.h"
+#include <trinity_stream_saver/errors.h>
 
 namespace trinity_stream_saver {
 

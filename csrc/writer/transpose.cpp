@@ -1,4 +1,4 @@
-#include "transpose.h"
+#include "writer/transpose.h"
 
 #include <algorithm>
 #include <cstring>

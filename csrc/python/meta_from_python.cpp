@@ -1,11 +1,11 @@
-#include "meta_from_python.h"
+#include "python/meta_from_python.h"
 
 #include <climits>
 #include <string>
 #include <unordered_map>
 
-#include "dtype.h"
-#include "errors.h"
+#include "format/dtype.h"
+#include <trinity_stream_saver/errors.h>
 
 namespace py = pybind11;
 

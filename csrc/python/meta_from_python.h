@@ -8,7 +8,7 @@
 
 #include <vector>
 
-#include "tensor_writer.h"
+#include <trinity_stream_saver/tensor_meta.h>
 
 namespace trinity_stream_saver {
 

@@ -22,7 +22,7 @@
 #include <string>
 #include <thread>
 
-#include "tensor_writer.h"
+#include "writer/tensor_writer.h"
 
 namespace trinity_stream_saver {
 

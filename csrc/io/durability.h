@@ -19,6 +19,6 @@ void sync_parent_directory(const std::string& path);
 // fdatasync() `temp_path`, rename it to `destination`, fsync() the
 // directory. Throws OsError naming the path that failed; if the rename did
 // not happen, `temp_path` is still in place.
-void finalize(const std::string& temp_path, const std::string& destination, bool sync);
+void finalize_file(const std::string& temp_path, const std::string& destination, bool sync);
 
 }  // namespace trinity_stream_saver

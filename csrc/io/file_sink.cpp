@@ -1,4 +1,4 @@
-#include "file_sink.h"
+#include "io/file_sink.h"
 
 #include <fcntl.h>
 #include <linux/magic.h>
@@ -11,9 +11,9 @@
 #include <cstdio>
 #include <cstring>
 
-#include "durability.h"
-#include "errors.h"
-#include "posix_io.h"
+#include "io/durability.h"
+#include <trinity_stream_saver/errors.h>
+#include "io/posix_io.h"
 
 namespace trinity_stream_saver {
 

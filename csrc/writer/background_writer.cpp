@@ -1,4 +1,4 @@
-#include "background_writer.h"
+#include "writer/background_writer.h"
 
 #include <utility>
 

@@ -14,7 +14,9 @@
 #include <utility>
 #include <vector>
 
-#include "dtype.h"
+#include <trinity_stream_saver/tensor_meta.h>
+
+#include "format/dtype.h"
 
 namespace trinity_stream_saver {
 
@@ -23,9 +25,6 @@ inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;
 
 // The key safetensors reserves for the free-form string metadata.
 inline constexpr std::string_view kMetadataKey = "__metadata__";
-
-// Free-form metadata, in the order the caller gave it.
-using Metadata = std::vector<std::pair<std::string, std::string>>;
 
 // `"name":{"dtype":"BF16","shape":[4,8],"data_offsets":[begin,end]}`
 std::string tensor_entry(std::string_view name, const Dtype& dtype,

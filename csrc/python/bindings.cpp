@@ -12,13 +12,14 @@
 #include <string>
 #include <vector>
 
-#include "background_writer.h"
-#include "dtype.h"
-#include "durability.h"
-#include "meta_from_python.h"
-#include "errors.h"
-#include "tensor_writer.h"
-#include "torch_dtype.h"
+#include <trinity_stream_saver/errors.h>
+#include <trinity_stream_saver/stream_saver.h>
+
+#include "format/dtype.h"
+#include "format/header.h"
+#include "python/meta_from_python.h"
+#include "writer/tensor_writer.h"
+#include "writer/torch_dtype.h"
 
 namespace py = pybind11;
 
@@ -93,94 +94,52 @@ bool next_item(py::handle iterator, std::size_t index, std::string* name, at::Te
   return true;
 }
 
-// Default mode: each tensor is written, then released, before the iterator
-// is asked for the next one, so only one tensor is alive at a time.
-void write_in_turn(py::handle iterator, TensorWriter& writer) {
-  std::string name;
-  at::Tensor tensor;
-  for (std::size_t index = 0; next_item(iterator, index, &name, &tensor); ++index) {
-    {
-      py::gil_scoped_release nogil;
-      writer.write(name, tensor);
-    }
-    // Dropped with the GIL held: this may free the Python tensor object.
-    tensor.reset();
-  }
+// The Python iterator as the core's TensorSource: takes the GIL to call
+// next() and checks for Ctrl-C first.
+TensorSource python_source(py::handle iterator) {
+  return [iterator, index = std::size_t{0}]() mutable
+         -> std::optional<std::pair<std::string, at::Tensor>> {
+    py::gil_scoped_acquire gil;
+    std::string name;
+    at::Tensor tensor;
+    if (!next_item(iterator, index, &name, &tensor)) return std::nullopt;
+    ++index;
+    return std::make_pair(std::move(name), std::move(tensor));
+  };
 }
 
-// Overlap mode: a worker thread writes tensor k while the iterator produces
-// tensor k+1.
-void write_overlapped(py::handle iterator, TensorWriter& writer) {
-  // Waiting for the worker happens without the GIL; take it back briefly
-  // and often enough that Ctrl-C is noticed.
-  std::optional<BackgroundWriter> background;
-  background.emplace(writer, raise_pending_signals_without_gil);
-  std::string name;
-  at::Tensor tensor;
-  at::Tensor finished;
-  try {
-    for (std::size_t index = 0; next_item(iterator, index, &name, &tensor); ++index) {
-      {
-        py::gil_scoped_release nogil;
-        background->write(std::move(name), std::move(tensor), &finished);
-      }
-      finished.reset();  // with the GIL held, as above
-    }
-    {
-      py::gil_scoped_release nogil;
-      background->finish(&finished);
-    }
-    finished.reset();
-  } catch (...) {
-    // Stopping the worker waits for it to leave its current chunk; do that
-    // without the GIL, which the worker's torch calls may want.
-    {
-      py::gil_scoped_release nogil;
-      background.reset();
-    }
-    throw;
-  }
-}
-
-void save(py::handle tensor_iter, const std::string& temp_path,
-          const std::optional<std::string>& destination, py::handle state_dict_meta,
-          py::handle resolve_dtype, const std::optional<Metadata>& metadata, bool sync,
-          bool overlap) {
+py::bytes save(py::handle tensor_iter, const std::string& filepath, py::handle state_dict_meta,
+               py::handle resolve_dtype, const std::optional<Metadata>& metadata, bool rename,
+               bool sync, bool overlap) {
   const std::vector<TensorMeta> meta = meta_from_python(state_dict_meta, resolve_dtype);
-
   py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(tensor_iter.ptr()));
   if (!iterator) throw py::error_already_set();
-
-  // Between chunks of a large tensor the GIL is released; take it back
-  // briefly so that Ctrl-C stops a multi-GB write within a chunk's time.
-  std::optional<TensorWriter> writer;
+  SaveOptions options;
+  options.rename = rename;
+  options.fsync = sync;
+  options.overlap = overlap;
+  options.metadata = metadata;
+  // Between chunks of a large tensor, and while waiting for the writer
+  // thread, take the GIL back briefly so that Ctrl-C stops a multi-GB
+  // write within a chunk's time.
+  options.poll = raise_pending_signals_without_gil;
+  std::string written;
   {
     py::gil_scoped_release nogil;
-    writer.emplace(temp_path, meta, metadata, raise_pending_signals_without_gil);
+    written = save_safetensors_streaming(python_source(iterator), filepath, meta, options);
   }
-  if (overlap) {
-    write_overlapped(iterator, *writer);
-  } else {
-    write_in_turn(iterator, *writer);
-  }
-
-  py::gil_scoped_release nogil;
-  if (destination) {
-    writer->close_and_rename(*destination, sync);
-  } else {
-    writer->close_and_keep(sync);
-  }
+  return py::bytes(written);
 }
 
-void finalize_file(const std::string& temp_path, const std::string& destination, bool sync) {
+void finalize_without_gil(const std::string& temp_path, const std::string& destination, bool sync) {
   py::gil_scoped_release nogil;
   finalize(temp_path, destination, sync);
 }
 
-std::optional<std::string> safetensors_dtype(at::ScalarType scalar_type) {
-  const std::optional<TorchDtype> dtype = find_torch_dtype(scalar_type);
+std::optional<std::string> safetensors_dtype_name(at::ScalarType scalar_type) {
+  const std::optional<Dtype> dtype = safetensors_dtype(scalar_type);
   if (!dtype) return std::nullopt;
-  return std::string(dtype->dtype.name);
+  return std::string(dtype->name);
 }
 
 std::vector<std::string> supported_dtype_list() {
@@ -216,14 +175,14 @@ PYBIND11_MODULE(_C, m) {
   namespace tss = trinity_stream_saver;
   m.doc() = "C++ core of trinity_stream_saver; use the Python package's API.";
   py::register_exception_translator(&tss::translate_errors);
-  m.def("save", &tss::save, py::arg("tensor_iter"), py::arg("temp_path"),
-        py::arg("destination"), py::arg("state_dict_meta"), py::arg("resolve_dtype"),
-        py::arg("metadata"), py::arg("sync"), py::arg("overlap"),
-        "Streams (name, tensor) items into temp_path; renames it to destination "
-        "unless destination is None.");
-  m.def("finalize", &tss::finalize_file, py::arg("temp_path"), py::arg("destination"),
+  m.def("save", &tss::save, py::arg("tensor_iter"), py::arg("filepath"),
+        py::arg("state_dict_meta"), py::arg("resolve_dtype"), py::arg("metadata"),
+        py::arg("rename"), py::arg("sync"), py::arg("overlap"),
+        "Streams (name, tensor) items into filepath + '.tmp'; renames it to filepath "
+        "if rename. Returns the path written (bytes).");
+  m.def("finalize", &tss::finalize_without_gil, py::arg("temp_path"), py::arg("destination"),
         py::arg("sync"), "Optionally syncs temp_path, renames it, syncs the directory.");
-  m.def("safetensors_dtype", &tss::safetensors_dtype, py::arg("dtype"),
+  m.def("safetensors_dtype", &tss::safetensors_dtype_name, py::arg("dtype"),
         "The safetensors dtype name for a torch.dtype, or None if it cannot be saved.");
   m.def("supported_dtypes", &tss::supported_dtype_list,
         "The safetensors dtype names this library writes.");

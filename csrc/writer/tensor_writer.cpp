@@ -1,4 +1,4 @@
-#include "tensor_writer.h"
+#include "writer/tensor_writer.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -9,8 +9,9 @@
 #include <sstream>
 #include <unordered_set>
 
-#include "errors.h"
-#include "transpose.h"
+#include <trinity_stream_saver/errors.h>
+#include "writer/torch_dtype.h"
+#include "writer/transpose.h"
 
 namespace trinity_stream_saver {
 
@@ -62,88 +63,6 @@ bool is_column_major_matrix(const at::Tensor& view) {
          !view.is_neg();
 }
 
-std::string quoted(const std::string& name) { return "'" + name + "'"; }
-
-void check_name(const std::string& name,
-                const std::unordered_set<std::string>& seen,
-                const char* where) {
-  if (name == kMetadataKey) {
-    throw ValueError(std::string(where) + ": the name '__metadata__' is reserved " +
-                     "by safetensors for the file's metadata; rename the tensor.");
-  }
-  if (seen.count(name) != 0) {
-    throw ValueError(std::string(where) + ": duplicate tensor name " + quoted(name) +
-                     "; every tensor in a safetensors file needs a unique name.");
-  }
-}
-
-std::string unsupported_dtype(const std::string& where, const std::string& dtype) {
-  return where + " has dtype " + dtype +
-         ", which safetensors cannot store. Supported safetensors dtypes: " +
-         supported_dtype_names() + ". Convert the tensor (e.g. .to(torch.float32)).";
-}
-
-// The header entry and size of one state_dict_meta row, laid out at `begin`.
-std::string meta_entry(const TensorMeta& meta, std::uint64_t begin,
-                       std::uint64_t* end) {
-  const std::string where = "state_dict_meta entry " + quoted(meta.name);
-  const std::optional<TorchDtype> dtype = find_torch_dtype(meta.dtype);
-  if (!dtype) throw ValueError(unsupported_dtype(where, meta.dtype));
-  const std::string too_large =
-      where + " describes a tensor too large to store (2^64 bytes or more); check its shape.";
-  std::uint64_t items = static_cast<std::uint64_t>(dtype->elements_per_item);
-  for (const std::int64_t dim : meta.shape) {
-    if (dim < 0) {
-      throw ValueError(where + " has a negative dimension in its shape; " +
-                       "shapes must be non-negative integers.");
-    }
-    if (__builtin_mul_overflow(items, static_cast<std::uint64_t>(dim), &items)) {
-      throw ValueError(too_large);
-    }
-  }
-  if (!meta.shape.empty() && meta.shape.back() > INT64_MAX / dtype->elements_per_item) {
-    throw ValueError(too_large);
-  }
-  const std::optional<std::vector<std::int64_t>> shape =
-      header_shape(*dtype, meta.shape);
-  if (!shape) {
-    throw ValueError(where + ": a 0-dim tensor of packed dtype " + meta.dtype +
-                     " cannot be stored; give it at least one dimension.");
-  }
-  // Offsets are unsigned 64-bit in safetensors; within that range the
-  // reserved size must match the original's, which uses Python ints.
-  const std::optional<std::uint64_t> bytes = byte_size(dtype->dtype, items);
-  if (!bytes || __builtin_add_overflow(begin, *bytes, end)) throw ValueError(too_large);
-  return tensor_entry(meta.name, dtype->dtype, *shape, begin, *end);
-}
-
-// N, computed from the metadata alone: the header it describes, with
-// entries and offsets laid out in meta order, rounded up to 8 bytes; and
-// the size of the data it describes.
-FileLayout plan_file(const std::vector<TensorMeta>& meta,
-                     const std::optional<Metadata>& metadata) {
-  HeaderJson json;
-  if (metadata) json.append(metadata_entry(*metadata));
-  std::unordered_set<std::string> names;
-  std::uint64_t offset = 0;
-  for (const TensorMeta& entry : meta) {
-    check_name(entry.name, names, "state_dict_meta");
-    names.insert(entry.name);
-    std::uint64_t end = 0;
-    json.append(meta_entry(entry, offset, &end));
-    offset = end;
-  }
-  const std::uint64_t reserved = padded_header_size(json.size());
-  if (reserved > kMaxHeaderBytes) {
-    throw ValueError("the header described by state_dict_meta would take " +
-                     std::to_string(reserved) + " bytes, more than the " +
-                     std::to_string(kMaxHeaderBytes) +
-                     " bytes safetensors can read; split the checkpoint into "
-                     "several files.");
-  }
-  return {reserved, offset};
-}
-
 }  // namespace
 
 TensorWriter::TensorWriter(std::string path, const std::vector<TensorMeta>& meta,
@@ -165,10 +84,10 @@ void TensorWriter::set_between_chunks(std::function<void()> between_chunks) {
   between_chunks_ = std::move(between_chunks);
 }
 
-TorchDtype TensorWriter::check_tensor(const std::string& name,
+Dtype TensorWriter::check_tensor(const std::string& name,
                                       const at::Tensor& tensor) const {
-  const std::string where = "tensor " + quoted(name);
-  check_name(name, names_, where.c_str());
+  const std::string where = "tensor " + quoted_name(name);
+  check_tensor_name(name, names_, where);
   if (!tensor.defined()) {
     throw ValueError(where + " is an undefined tensor; yield a real tensor.");
   }
@@ -195,29 +114,29 @@ TorchDtype TensorWriter::check_tensor(const std::string& name,
                      "functional tensor); pass a plain CPU tensor, e.g. "
                      ".full_tensor() or .to_local().");
   }
-  const std::optional<TorchDtype> dtype = find_torch_dtype(tensor.scalar_type());
+  const std::optional<Dtype> dtype = safetensors_dtype(tensor.scalar_type());
   if (!dtype) {
-    throw ValueError(unsupported_dtype(where, c10::toString(tensor.scalar_type())));
+    throw ValueError(unsupported_dtype_message(where, c10::toString(tensor.scalar_type())));
   }
   return *dtype;
 }
 
 void TensorWriter::write(const std::string& name, const at::Tensor& tensor) {
-  const TorchDtype dtype = check_tensor(name, tensor);
+  const Dtype dtype = check_tensor(name, tensor);
   const std::optional<std::vector<std::int64_t>> shape =
-      header_shape(dtype, tensor.sizes());
+      header_shape(dtype, std::span<const std::int64_t>(tensor.sizes().data(), tensor.sizes().size()));
   if (!shape) {
-    throw ValueError("tensor " + quoted(name) + ": a 0-dim tensor of dtype " +
+    throw ValueError("tensor " + quoted_name(name) + ": a 0-dim tensor of dtype " +
                      c10::toString(tensor.scalar_type()) +
                      " cannot be stored; give it at least one dimension.");
   }
   const std::uint64_t bytes =
       static_cast<std::uint64_t>(tensor.numel()) * tensor.element_size();
   std::string entry =
-      tensor_entry(name, dtype.dtype, *shape, data_size_, data_size_ + bytes);
+      tensor_entry(name, dtype, *shape, data_size_, data_size_ + bytes);
   if (header_.size_with(entry) > reserved_) {
     throw ValueError(
-        "tensor " + quoted(name) + " does not fit in the header reserved from " +
+        "tensor " + quoted_name(name) + " does not fit in the header reserved from " +
         "state_dict_meta (" + std::to_string(reserved_) + " bytes): " +
         "state_dict_meta does not describe the tensors being saved. Pass " +
         "metadata for exactly the tensors the iterator yields (e.g. from " +

@@ -1,12 +1,7 @@
 // Streams tensors into a safetensors file whose header space was reserved
-// up front from the caller's metadata, then writes the header last. Knows
-// torch tensors and the file format; knows nothing of Python.
-//
-// Why the header is sized before the data: the file must be written in one
-// pass without holding more than one tensor, and the data offsets depend on
-// where the data starts. Reserving exactly the header that state_dict_meta
-// describes (rounded up to 8, as safetensors pads) makes our file
-// byte-identical to the pure-Python saver's.
+// up front from the caller's metadata (format/file_plan), then writes the
+// header last. Knows torch tensors and the file format; knows nothing of
+// Python.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,26 +13,13 @@
 #include <unordered_set>
 #include <vector>
 
-#include "file_sink.h"
-#include "header.h"
-#include "torch_dtype.h"
+#include <trinity_stream_saver/tensor_meta.h>
+
+#include "format/file_plan.h"
+#include "format/header.h"
+#include "io/file_sink.h"
 
 namespace trinity_stream_saver {
-
-// One entry of state_dict_meta: a safetensors dtype name and the tensor's
-// torch shape.
-struct TensorMeta {
-  std::string name;
-  std::string dtype;
-  std::vector<std::int64_t> shape;
-};
-
-// What state_dict_meta describes: the reserved header length N and the
-// size of the data after it.
-struct FileLayout {
-  std::uint64_t header_size;
-  std::uint64_t data_size;
-};
 
 class TensorWriter final {
  public:
@@ -75,7 +57,7 @@ class TensorWriter final {
   std::uint64_t reserved_header_size() const noexcept { return reserved_; }
 
  private:
-  TorchDtype check_tensor(const std::string& name, const at::Tensor& tensor) const;
+  Dtype check_tensor(const std::string& name, const at::Tensor& tensor) const;
   void write_contiguous(const at::Tensor& tensor);
   void write_strided(const at::Tensor& view);
   void stage_and_append(const at::Tensor& view);

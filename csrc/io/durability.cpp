@@ -1,4 +1,4 @@
-#include "durability.h"
+#include "io/durability.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -6,7 +6,7 @@
 #include <cerrno>
 #include <cstdio>
 
-#include "errors.h"
+#include <trinity_stream_saver/errors.h>
 
 namespace trinity_stream_saver {
 
@@ -45,7 +45,7 @@ void sync_parent_directory(const std::string& path) {
   sync_and_close(fd, directory, /*data_only=*/false);
 }
 
-void finalize(const std::string& temp_path, const std::string& destination, bool sync) {
+void finalize_file(const std::string& temp_path, const std::string& destination, bool sync) {
   if (sync) {
     const int fd = open_or_throw(temp_path, O_RDONLY, "open the temporary file to sync it");
     sync_and_close(fd, temp_path, /*data_only=*/true);

@@ -1,24 +1,8 @@
-#include "dtype.h"
+#include "format/dtype.h"
 
-#include <array>
+#include <climits>
 
 namespace trinity_stream_saver {
-
-namespace {
-
-constexpr std::array<Dtype, 20> kDtypes{{
-    {"BOOL", 8},        {"U8", 8},          {"I8", 8},
-    {"I16", 16},        {"U16", 16},        {"I32", 32},
-    {"U32", 32},        {"I64", 64},        {"U64", 64},
-    {"F16", 16},        {"BF16", 16},       {"F32", 32},
-    {"F64", 64},        {"C64", 64},        {"F8_E4M3", 8},
-    {"F8_E4M3FNUZ", 8}, {"F8_E5M2", 8},     {"F8_E5M2FNUZ", 8},
-    {"F8_E8M0", 8},     {"F4", 4},
-}};
-
-}  // namespace
-
-std::span<const Dtype> supported_dtypes() { return kDtypes; }
 
 std::optional<Dtype> find_dtype(std::string_view name) {
   for (const Dtype& dtype : kDtypes) {
@@ -50,6 +34,15 @@ std::optional<std::uint64_t> byte_size(const Dtype& dtype,
   const std::uint64_t per_byte = 8 / static_cast<std::uint64_t>(dtype.bits);
   if (element_count % per_byte != 0) return std::nullopt;
   return element_count / per_byte;
+}
+
+std::optional<std::vector<std::int64_t>> header_shape(const Dtype& dtype,
+                                                      std::span<const std::int64_t> sizes) {
+  std::vector<std::int64_t> shape(sizes.begin(), sizes.end());
+  if (dtype.values_per_item == 1) return shape;
+  if (shape.empty() || shape.back() > INT64_MAX / dtype.values_per_item) return std::nullopt;
+  shape.back() *= dtype.values_per_item;
+  return shape;
 }
 
 }  // namespace trinity_stream_saver

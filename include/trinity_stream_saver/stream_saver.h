@@ -1,0 +1,81 @@
+// trinity_stream_saver's C++ API: stream a safetensors checkpoint to disk
+// one tensor at a time, from any LibTorch program. The Python package is a
+// thin layer over these same functions: behaviour, errors and bytes are
+// the same.
+//
+//   #include <trinity_stream_saver/stream_saver.h>
+//   namespace tss = trinity_stream_saver;
+//   auto params = module->named_parameters();
+//   std::vector<tss::TensorMeta> meta;
+//   for (const auto& p : params) meta.push_back(tss::tensor_meta(p.key(), p.value()));
+//   std::size_t i = 0;
+//   tss::save_safetensors_streaming(
+//       [&]() -> std::optional<std::pair<std::string, at::Tensor>> {
+//         if (i == params.size()) return std::nullopt;
+//         const auto& p = params[i++];
+//         return std::make_pair(p.key(), p.value().detach());
+//       },
+//       "model.safetensors", meta);
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <trinity_stream_saver/errors.h>
+#include <trinity_stream_saver/tensor_meta.h>
+
+namespace trinity_stream_saver {
+
+struct SaveOptions {
+  // Atomically replace `filepath` with the finished file; with false, the
+  // finished file stays at `filepath + ".tmp"` for finalize().
+  bool rename = true;
+  // The data is on disk before the rename, and the rename before returning.
+  bool fsync = false;
+  // A thread writes tensor k while `next` produces tensor k+1 (see
+  // README, "Overlap"): more than one tensor may then be alive.
+  bool overlap = false;
+  // Stored as the header's "__metadata__"; none when empty (an engaged but
+  // empty list is written as {}, as safetensors does).
+  std::optional<Metadata> metadata;
+  // Called on the calling thread between chunks of a large tensor and
+  // while waiting for the writer thread. Throw from it to cancel the save
+  // (the Python bindings raise KeyboardInterrupt there).
+  std::function<void()> poll;
+};
+
+// Yields the next (name, tensor) pair, or nullopt at the end. Called on the
+// thread that called the save, one item at a time.
+using TensorSource = std::function<std::optional<std::pair<std::string, at::Tensor>>()>;
+
+// Streams every tensor `next` yields into `filepath + ".tmp"`, with the
+// header space reserved from `state_dict_meta` (one row per tensor, in the
+// order they are yielded), then renames it to `filepath`. Each tensor is
+// written from its own memory and released before `next` is called again
+// (with options.overlap, see above). Returns `filepath`, or the temporary
+// file's path with options.rename == false.
+//
+// Throws TypeError/ValueError for bad input (naming the tensor), OsError
+// for a failed system call (with errno and the path), and rethrows what
+// `next` or options.poll throw. On any error the temporary file is removed
+// and a file at `filepath` is left untouched.
+std::string save_safetensors_streaming(const TensorSource& next, const std::string& filepath,
+                                       const std::vector<TensorMeta>& state_dict_meta,
+                                       const SaveOptions& options = {});
+
+// Finishes a save made with rename == false: with `fsync`, puts the
+// temporary file's data on disk, renames it to `filepath`, and syncs the
+// directory. Returns `filepath`. If the rename cannot happen, the
+// temporary file stays where it is.
+std::string finalize(const std::string& tmp_path, const std::string& filepath, bool fsync = true);
+
+// The state_dict_meta row of a tensor. Throws ValueError if safetensors
+// cannot store its dtype.
+TensorMeta tensor_meta(const std::string& name, const at::Tensor& tensor);
+
+}  // namespace trinity_stream_saver
