@@ -9,15 +9,23 @@ VENV="${TSS_VENV:-$ROOT/.venv}"
 
 "$ROOT/scripts/setup.sh"
 
-# Builds the C++ tests in build directory $1 with the CMake options that
-# follow, and runs them.
-cpp_tests() {
+# Configures the CMake project in build directory $1 with the options that
+# follow.
+cmake_configure() {
   local build="$1"
   shift
   "$VENV/bin/cmake" -S "$ROOT" -B "$build" -G Ninja \
     -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" \
     -DCMAKE_PREFIX_PATH="$("$VENV/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
     -DCMAKE_POLICY_VERSION_MINIMUM=3.5 "$@" >/dev/null
+}
+
+# Builds the C++ tests in build directory $1 with the CMake options that
+# follow, and runs them.
+cpp_tests() {
+  local build="$1"
+  shift
+  cmake_configure "$build" "$@"
   "$VENV/bin/cmake" --build "$build" -j "$(nproc)"
   "$VENV/bin/ctest" --test-dir "$build" --output-on-failure -j "$(nproc)"
 }
@@ -27,6 +35,14 @@ cpp_tests "$ROOT/build-cmake" -DCMAKE_BUILD_TYPE=Release
 
 echo "== C++ tests under AddressSanitizer and UndefinedBehaviorSanitizer"
 cpp_tests "$ROOT/build-asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSTREAM_SAVER_SANITIZE=ON
+
+echo "== C++ package: configured without GoogleTest, built and installed"
+# tests/test_cpp_package.py builds examples/cpp against this installation,
+# as a project outside this repository would.
+cmake_configure "$ROOT/build-package" -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF
+"$VENV/bin/cmake" --build "$ROOT/build-package" -j "$(nproc)"
+"$VENV/bin/cmake" --install "$ROOT/build-package" --prefix "$ROOT/build-package/prefix" >/dev/null
+export TSS_INSTALL_PREFIX="$ROOT/build-package/prefix"
 
 echo "== Python tests (pytest)"
 # Run from the tests directory against the installed package, not the

@@ -16,6 +16,7 @@
 #include <trinity_stream_saver/stream_saver.h>
 
 #include "format/dtype.h"
+#include "format/file_plan.h"
 #include "format/header.h"
 #include "python/meta_from_python.h"
 #include "writer/tensor_writer.h"
@@ -131,6 +132,12 @@ py::bytes save(py::handle tensor_iter, const std::string& filepath, py::handle s
   return py::bytes(written);
 }
 
+// N, the header length a save of `state_dict_meta` reserves.
+std::uint64_t reserved_header_size(py::handle state_dict_meta, py::handle resolve_dtype,
+                                   const std::optional<Metadata>& metadata) {
+  return plan_file(meta_from_python(state_dict_meta, resolve_dtype), metadata).header_size;
+}
+
 void finalize_without_gil(const std::string& temp_path, const std::string& destination, bool sync) {
   py::gil_scoped_release nogil;
   finalize(temp_path, destination, sync);
@@ -182,10 +189,16 @@ PYBIND11_MODULE(_C, m) {
         "if rename. Returns the path written (bytes).");
   m.def("finalize", &tss::finalize_without_gil, py::arg("temp_path"), py::arg("destination"),
         py::arg("sync"), "Optionally syncs temp_path, renames it, syncs the directory.");
+  m.def("reserved_header_size", &tss::reserved_header_size, py::arg("state_dict_meta"),
+        py::arg("resolve_dtype"), py::arg("metadata"),
+        "N: the header length a save of state_dict_meta reserves.");
   m.def("safetensors_dtype", &tss::safetensors_dtype_name, py::arg("dtype"),
         "The safetensors dtype name for a torch.dtype, or None if it cannot be saved.");
   m.def("supported_dtypes", &tss::supported_dtype_list,
         "The safetensors dtype names this library writes.");
+  // The torch this extension was compiled against: torch's C++ ABI changes
+  // between releases, so the package refuses to run beside another one.
+  m.attr("BUILT_WITH_TORCH") = TSS_TORCH_VERSION;
   m.attr("MAX_HEADER_BYTES") = tss::kMaxHeaderBytes;
   m.attr("CHUNK_BYTES") = tss::TensorWriter::kChunkBytes;
 }

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from . import _C
+from ._extension import _C
 
 __all__ = [
     "TensorMeta",
@@ -38,6 +38,13 @@ class TensorMeta(NamedTuple):
 
 StateDictMeta = list[TensorMeta]
 
+#: torch dtype -> safetensors dtype name, for every dtype this library saves
+#: (the original module's name for the same table).
+DTYPE_TO_SAFETENSORS: dict[torch.dtype, str] = {
+    dtype: name
+    for dtype in vars(torch).values()
+    if isinstance(dtype, torch.dtype) and (name := _C.safetensors_dtype(dtype)) is not None
+}
 
 
 def _unsupported_dtype(name: object, dtype: object) -> ValueError:
@@ -206,6 +213,16 @@ def _finalizer() -> concurrent.futures.ThreadPoolExecutor:
                 max_workers=1, thread_name_prefix="trinity_stream_saver-finalize"
             )
         return _finalizer_pool
+
+
+def _compute_exact_header_size(
+    state_dict_meta: Iterable[Union[TensorMeta, tuple]],
+    metadata: Optional[Mapping[str, str]] = None,
+) -> int:
+    """N: the JSON header length (in bytes, a multiple of 8) that a save of
+    ``state_dict_meta`` reserves, as the original module computes it."""
+    _check_meta(state_dict_meta)
+    return _C.reserved_header_size(state_dict_meta, _resolve_dtype, _normalise_metadata(metadata))
 
 
 def collect_state_dict_meta(
