@@ -279,11 +279,13 @@ def main() -> int:
     scenarios = parse_scenarios(args.scenarios)
     if args.methods:
         parse_methods(args.methods)
-    if any(SCENARIOS[name].needs_cuda for name in scenarios):
+    need_cuda = [name for name in scenarios if SCENARIOS[name].needs_cuda]
+    if need_cuda:
         probe_cuda = subprocess.run([sys.executable, "-c", "import torch; "
                                      "raise SystemExit(not torch.cuda.is_available())"])
         if probe_cuda.returncode != 0:
-            raise SystemExit("gpu_producer needs a CUDA device, and torch sees none here")
+            raise SystemExit(f"{', '.join(need_cuda)} need a CUDA device, and torch sees none "
+                             f"here: leave them out of --scenarios")
     probe = run_python(["-c", PROBE])
     work = tempfile.mkdtemp(prefix="tss-bench-", dir=args.dir)
     started = time.monotonic()

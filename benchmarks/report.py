@@ -77,7 +77,7 @@ def print_scenario(name: str, cfg: dict, spec, summary: dict) -> None:
             sleep = summary["sleep_s"]
             how = f"{sleep:.2f} s of it waiting, the rest handing out staging buffers"
         else:
-            how = "copying the tensors from the GPU with .cpu()"
+            how = "copying the tensors from the GPU"
         print(f"P (producing alone) {produce:.2f} s ({how}); W (writing alone) {write:.2f} s "
               f"(medians of {scenario.baseline}'s runs): max {max(produce, write):.2f} s, "
               f"one after the other {produce + write:.2f} s")

@@ -238,6 +238,24 @@ def copies_to_cpu(cfg: dict, spec: Spec, sources: list) -> Iterator:
         yield name, source.cpu()
 
 
+def pinned_copies(cfg: dict, spec: Spec, sources: list) -> Iterator:
+    """Each GPU tensor copied, when it is requested, into fresh pinned memory
+    with a non-blocking copy, then waited for (the wait releases the GIL):
+    the device-to-host copy of a checkpoint that uses pinned staging. The
+    pinned memory comes from torch's caching host allocator, which hands a
+    block out again only after the saver has dropped the tensor, so the
+    saver's contract for reused buffers plays no part here."""
+    import torch
+
+    stream = torch.cuda.current_stream()
+    for (name, shape), source in zip(spec, sources):
+        host = torch.empty(shape, dtype=torch.bfloat16, pin_memory=True)
+        host.copy_(source, non_blocking=True)
+        stream.synchronize()
+        yield name, host
+        del host
+
+
 # --------------------------------------------------------------------------
 # The registry.
 # --------------------------------------------------------------------------
@@ -432,6 +450,17 @@ SCENARIOS = {s.name: s for s in (
         produce=copies_to_cpu, expected=expect_fresh, prepare=gpu_sources,
         reference="max(P, W)",
         methods=IN_TURN + ("produce_only",), excluded=PRODUCER_EXCLUDED,
+        default=False, needs_cuda=True,
+    ),
+    Scenario(
+        name="gpu_llama",
+        summary=("(needs CUDA) the Llama-shaped model on the GPU, each tensor copied to pinned "
+                 "memory with a non-blocking copy when requested"),
+        sizes=(Size("layers", 16, "gpu_llama: layers (16: 1.38 GiB)", "gpu-llama-layers"),),
+        spec=_llama, describe=_describe_model("Llama-shaped, on the GPU"),
+        produce=pinned_copies, expected=expect_fresh, prepare=gpu_sources,
+        reference="max(P, W)",
+        methods=_PRODUCER_METHODS + ("produce_only",), excluded=PRODUCER_EXCLUDED,
         default=False, needs_cuda=True,
     ),
     _model_scenario("llama", "Llama-shaped", _LLAMA_SIZES, _llama, 1.0),
