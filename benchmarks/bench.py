@@ -17,7 +17,7 @@ tensors' values.
     python benchmarks/bench.py --dir /dev/shm                 # take the disk out
     python benchmarks/bench.py --scenarios llama,llama_2x,moe,moe_2x --dir /dev/shm
     python benchmarks/bench.py --scale 0.1 --rounds 1         # a quick look
-    python benchmarks/bench.py --scenarios gpu_producer --methods trinity_stream_saver,trinity_overlap
+    python benchmarks/bench.py --scenarios gpu_llama --methods trinity_stream_saver,trinity_overlap
 """
 
 from __future__ import annotations
@@ -193,7 +193,8 @@ def filesystem_of(path: str) -> str:
         for line in mounts:
             fields = line.split()
             point = fields[1]
-            if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
                 best, kind = point, fields[2]
     return kind
 

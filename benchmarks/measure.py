@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import random
 import struct
@@ -99,7 +98,8 @@ def verify_file(path: str, scenario, cfg: dict, spec) -> None:
             name, shape = spec[index]
             tensor = f.get_tensor(name)
             assert tensor.dtype == torch.bfloat16 and tuple(tensor.shape) == tuple(shape), name
-            assert torch.equal(tensor, scenario.expected(cfg, index, shape)), f"{name}: wrong values"
+            expected = scenario.expected(cfg, index, shape)
+            assert torch.equal(tensor, expected), f"{name}: wrong values"
 
 
 def measure(cfg: dict, method_name: str, path: str) -> dict:

@@ -35,9 +35,9 @@ TARGETS = (
     # overlap=True against the best a two-stage pipeline can do.
     Target("slow_producer", "trinity_overlap", 1.15, why="uniform tensors"),
     Target("gpu_producer", "trinity_overlap", 1.15, why="a real GPU producer"),
-    Target("llama", "trinity_overlap", 1.25, why="model-shaped stream, producer as fast as the writer"),
-    Target("llama_2x", "trinity_overlap", 1.10, why="model-shaped stream, producer twice as fast"),
-    Target("moe", "trinity_overlap", 1.25, why="many small experts, producer as fast as the writer"),
+    Target("llama", "trinity_overlap", 1.25, why="model-shaped, producer as fast as the writer"),
+    Target("llama_2x", "trinity_overlap", 1.10, why="model-shaped, producer twice as fast"),
+    Target("moe", "trinity_overlap", 1.25, why="many small experts, producer as fast"),
     Target("moe_2x", "trinity_overlap", 1.10, why="many small experts, producer twice as fast"),
     # overlap=True's memory contract: what is queued beyond the tensor
     # being written is at most the largest tensor.
