@@ -5,9 +5,10 @@ demand by method().
 A method's load(cfg) imports what it needs and returns save(items, path,
 meta), so that import time is not counted as saving time. save writes
 path, or files beside it: each run has a directory of its own, and its
-size is what the run wrote. save may return a dict of extra measurements
-(a method that starts processes of its own would report their memory
-there); the measuring process adds it to the run's result.
+size is what the run wrote. save may return a dict of measurements that
+the measuring process adds to the run's result, replacing its own: a
+method that starts processes of its own (ranks) reports their time and
+peak memory there, as "seconds" and "rss_growth_mib".
 
 This module knows nothing of scenarios, timing or reports.
 """

@@ -204,7 +204,8 @@ def plot(report: dict, path: str, columns: int = 5) -> None:
         labels = [_label(m) for m, _ in rows]
         block, column = divmod(index, columns)
         for line, (key, title, unit) in enumerate((
-            ("ratio", f"time vs {summary['reference_label']}", "x"),
+            ("ratio", f"time vs {summary['reference_label']}",
+             f"times {summary['reference_label']}"),
             ("rss_growth_mib", "peak RSS growth", "MiB"),
         )):
             ax = axes[2 * block + line][column]

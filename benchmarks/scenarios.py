@@ -12,7 +12,10 @@ streaming saver really holds one tensor at a time.
 
 To add a scenario, write its spec function (and a producer if none of the
 ones below fits) and append a Scenario record to SCENARIOS; its targets go
-to targets.py.
+to targets.py. A scenario whose output is not one safetensors file (shards
+and their index) gives its own verify; its methods write anywhere in the
+run's directory (methods.py), and one that starts ranks of its own reports
+their time and memory from save().
 """
 
 from __future__ import annotations
