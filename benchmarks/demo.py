@@ -4,8 +4,8 @@ loads and is byte-identical to the pure-Python saver's, and show time,
 throughput and peak memory next to the other ways of writing the same
 tensors.
 
-Each method runs in a fresh process (so that peak RSS, read from the
-operating system, belongs to that method alone), methods interleaved over
+Each method runs in a fresh process (so that peak RSS, VmHWM read from
+/proc/self/status, belongs to that method alone), methods interleaved over
 several rounds; the table shows medians and the ratio to raw writing.
 
     python benchmarks/demo.py [--size-mib 1024] [--tensor-mib 64] [--rounds 3] [--dir DIR]
@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -26,63 +25,25 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, HERE)
+
+# The tensors and the methods are the side-by-side benchmark's (bench.py).
+import methods  # noqa: E402
+from measure import memory_baseline, peak_kib  # noqa: E402
+from scenarios import fresh_tensors, model_spec  # noqa: E402
 
 METHODS = ("trinity_stream_saver", "pure_python_saver", "safetensors_save_file", "raw_os_write")
-
-
-def model_spec(size_mib: int, tensor_mib: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Layer-like names and bf16 shapes adding up to about size_mib."""
-    cols = 4096
-    rows = tensor_mib * (1 << 20) // (2 * cols)
-    count = max(1, size_mib // tensor_mib)
-    spec = [(f"model.layers.{i}.mlp.weight", (rows, cols)) for i in range(count)]
-    spec += [(f"model.layers.{i}.norm.weight", (cols,)) for i in range(count)]
-    return spec
-
-
-def tensors(spec):
-    """Yields each tensor freshly made, as a training framework would hand it over."""
-    import torch
-
-    for index, (name, shape) in enumerate(spec):
-        yield name, torch.full(shape, float(index % 7), dtype=torch.bfloat16)
-
-
-def raw_write(items, path: str) -> None:
-    """The limit for one writer: each tensor's own memory straight to the
-    file, no header, no copies."""
-    import torch
-
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for _, tensor in items:
-            view = memoryview(tensor.view(torch.uint8).numpy())
-            while view:
-                view = view[os.write(fd, view):]
-            del tensor, view
-    finally:
-        os.close(fd)
 
 
 def saver_for(method: str):
     """The method as a function of (items, path, meta), imported up front so
     that import time is not counted as saving time."""
-    if method == "trinity_stream_saver":
-        from trinity_stream_saver import save_safetensors_streaming
+    return methods.METHODS[method].load({})
 
-        return save_safetensors_streaming
-    if method == "pure_python_saver":
-        from reference_saver import reference_save
 
-        return reference_save
-    if method == "safetensors_save_file":
-        from safetensors.torch import save_file
-
-        return lambda items, path, meta: save_file(dict(items), path)
-    if method == "raw_os_write":
-        return lambda items, path, meta: raw_write(items, path)
-    raise ValueError(f"unknown method {method!r}")
+def tensors(spec):
+    """Yields each tensor freshly made, as a training framework would hand it over."""
+    return fresh_tensors({}, spec)
 
 
 def run_method(method: str, spec, path: str) -> dict:
@@ -90,12 +51,11 @@ def run_method(method: str, spec, path: str) -> dict:
 
     save = saver_for(method)
     meta = [(name, "BF16", list(shape)) for name, shape in spec]
-    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline_kib, _ = memory_baseline()
     start = time.perf_counter()
     save(tensors(spec), path, meta)
     seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": seconds, "rss_growth_mib": (peak_kib - baseline_kib) / 1024}
+    return {"seconds": seconds, "rss_growth_mib": (peak_kib() - baseline_kib) / 1024}
 
 
 def sha256(path: str) -> str:

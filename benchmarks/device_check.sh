@@ -7,12 +7,15 @@
 #   3. issue 3 item 5: an 8 GiB save on 16 cores, and whether splitting one
 #      tensor's write over threads (pwrite at disjoint offsets) beats a
 #      single stream: bench.py's raw_pwrite_xN against raw_os_write;
-#   4. the real slow producer: tensors copied from the GPU with .cpu();
+#   4. the real slow producers: the Llama-shaped model on the GPU, each
+#      tensor copied into pinned memory with a non-blocking copy
+#      (gpu_llama), and uniform tensors copied with .cpu() (gpu_producer),
+#      overlap=True against in turn;
 #   5. the 8 GiB save again on the machine's disk, if time is left.
 # Each stage has its own time limit and the script goes on after a stage
 # fails, so that one run brings back everything it can. Results go to $OUT
-# (at most 8 files come back): device.log, pytest.log, and a JSON and a PNG
-# per benchmark.
+# (at most 8 files come back): device.log, pytest.log, a JSON per benchmark
+# and a PNG for the producer benchmarks.
 #
 # That machine reaches no package registry, and nlohmann_json is a Debian
 # package here: copy its headers into an ignored folder and carry it:
@@ -82,13 +85,18 @@ mkdir -p "$SHM"
 mount -t tmpfs -o size=40g tmpfs "$SHM" 2>/dev/null || SHM=/dev/shm
 BENCH=("$PY" "$ROOT/benchmarks/bench.py")
 
+# 4a. The Llama-shaped model on the GPU, pinned non-blocking copies (first:
+# the overlap engine's real workload).
+stage 150 "${BENCH[@]}" --dir "$SHM" --rounds 3 --scenarios gpu_llama \
+  --json "$OUT/gpu_llama.json" --plot "$OUT/gpu_llama.png"
+
 # 3. Issue 3 item 5 in memory: 8 GiB, 64 tensors of 128 MiB.
 stage 210 "${BENCH[@]}" --dir "$SHM" --rounds 3 --scenarios large --large-mib "$MIB" \
   --large-tensor-mib 128 \
   --methods trinity_stream_saver,trinity_overlap,raw_os_write,raw_pwrite_x4,raw_pwrite_x16 \
-  --json "$OUT/large_tmpfs.json" --plot "$OUT/large_tmpfs.png"
+  --json "$OUT/large_tmpfs.json" --plot /tmp/large_tmpfs.png
 
-# 4. The real slow producer: 4 GiB on the GPU, each tensor copied with .cpu().
+# 4b. The real slow producer: 4 GiB on the GPU, each tensor copied with .cpu().
 stage 120 "${BENCH[@]}" --dir "$SHM" --rounds 3 --scenarios gpu_producer --gpu-mib "$((MIB / 2))" \
   --methods trinity_stream_saver,trinity_overlap,raw_os_write,produce_only \
   --json "$OUT/gpu_producer.json" --plot "$OUT/gpu_producer.png"
@@ -96,7 +104,7 @@ stage 120 "${BENCH[@]}" --dir "$SHM" --rounds 3 --scenarios gpu_producer --gpu-m
 # 5. The 8 GiB save on the disk, single stream against 16 threads.
 stage 200 "${BENCH[@]}" --dir /var/tmp --rounds 2 --scenarios large --large-mib "$MIB" \
   --large-tensor-mib 128 --methods trinity_stream_saver,raw_os_write,raw_pwrite_x16 \
-  --json "$OUT/large_disk.json" --plot "$OUT/large_disk.png"
+  --json "$OUT/large_disk.json" --plot /tmp/large_disk.png
 
 umount "$SHM" 2>/dev/null
 say "done"

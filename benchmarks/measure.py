@@ -1,0 +1,160 @@
+"""One measured run: a method saving a scenario's tensors, in the fresh
+process this script is started as. Prints one JSON line: the time, the time
+spent producing (for producer scenarios), the peak RSS growth, and for this
+project's methods whether the file verified.
+
+    python benchmarks/measure.py '{"cfg": {...}, "method": "...", "path": "..."}'
+
+Peak memory is VmHWM from /proc/self/status, the high-water mark of this
+process's own address space, which exec starts afresh. (ru_maxrss is not
+used: Linux carries it over exec from the parent, so a child of a bigger
+parent could show no growth at all.) Before the save the high-water mark is
+reset to the current RSS where the kernel allows it (clear_refs, Linux 4.0
+and later), so that a transient peak while importing torch cannot hide
+the save's.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import struct
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import methods  # noqa: E402
+from scenarios import SCENARIOS, nbytes  # noqa: E402
+
+MIB = 1 << 20
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_baseline() -> tuple[int, str]:
+    """The RSS (KiB) from which the save's peak is measured, and how."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # VmHWM := VmRSS
+        return _status_kib("VmRSS"), "VmHWM, reset to VmRSS before the save"
+    except OSError:
+        return _status_kib("VmHWM"), "VmHWM growth (no reset: clear_refs refused)"
+
+
+def peak_kib() -> int:
+    """The process's peak RSS (KiB) since exec or memory_baseline()."""
+    return _status_kib("VmHWM")
+
+
+def timed(items, spent: list):
+    """items, adding the time spent producing each one to spent[0]."""
+    items = iter(items)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        spent[0] += time.perf_counter() - start
+        yield item
+        del item  # before the next one is made
+
+
+def verify_file(path: str, scenario, cfg: dict, spec) -> None:
+    """The whole header (names, dtypes, shapes, offsets in yield order,
+    file length) and the values of a few tensors, read with safetensors."""
+    import torch
+    from safetensors import safe_open
+
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    assert len(header) == len(spec), f"{len(header)} entries, expected {len(spec)}"
+    offset = 0
+    for name, shape in spec:
+        entry = header[name]
+        size = nbytes(shape)
+        assert entry["dtype"] == "BF16" and tuple(entry["shape"]) == tuple(shape), (name, entry)
+        assert entry["data_offsets"] == [offset, offset + size], (name, entry, offset)
+        offset += size
+    assert os.path.getsize(path) == 8 + length + offset, "file length does not match the header"
+
+    count = len(spec)
+    picks = {0, 1, count // 2, count - 2, count - 1}
+    picks |= set(random.Random(count).sample(range(count), min(count, 5)))
+    with safe_open(path, framework="pt") as f:
+        for index in sorted(i for i in picks if 0 <= i < count):
+            name, shape = spec[index]
+            tensor = f.get_tensor(name)
+            assert tensor.dtype == torch.bfloat16 and tuple(tensor.shape) == tuple(shape), name
+            expected = scenario.expected(cfg, index, shape)
+            assert torch.equal(tensor, expected), f"{name}: wrong values"
+
+
+def measure(cfg: dict, method_name: str, path: str) -> dict:
+    import torch  # noqa: F401  (imported before the baseline is taken)
+
+    scenario = SCENARIOS[cfg["scenario"]]
+    method = methods.method(method_name)
+    save = method.load(cfg)
+    spec = scenario.spec(cfg)
+    meta = [(name, "BF16", list(shape)) for name, shape in spec]
+    prepared = scenario.prepare(cfg, spec) if scenario.prepare else None
+    gc.collect()
+    baseline_kib, memory_source = memory_baseline()
+
+    produced = [0.0]
+    items = scenario.produce(cfg, spec, prepared)
+    if scenario.times_producer:
+        items = timed(items, produced)
+    start = time.perf_counter()
+    extra = save(items, path, meta)
+    seconds = time.perf_counter() - start
+    peak = peak_kib()
+
+    result = {
+        "seconds": seconds,
+        "rss_growth_mib": (peak - baseline_kib) / 1024,
+        "baseline_rss_mib": baseline_kib / 1024,
+        "peak_rss_mib": peak / 1024,
+        "memory_source": memory_source,
+    }
+    if isinstance(extra, dict):
+        result.update(extra)
+    if scenario.times_producer:
+        result["produce_s"] = produced[0]
+        result["write_s"] = seconds - produced[0]
+    if method.project:
+        import trinity_stream_saver
+
+        result["module"] = trinity_stream_saver.__file__
+        # After the measurements, so that reading the file back costs
+        # neither time nor memory in them.
+        try:
+            (scenario.verify or verify_file)(path, scenario, cfg, spec)
+            result["verified"] = True
+        except Exception as error:  # noqa: BLE001  (a wrong file fails the targets)
+            result["verified"] = False
+            result["verify_error"] = f"{type(error).__name__}: {error}"
+    return result
+
+
+def main() -> int:
+    payload = json.loads(sys.argv[1])
+    print(json.dumps(measure(payload["cfg"], payload["method"], payload["path"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
