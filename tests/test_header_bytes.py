@@ -254,7 +254,9 @@ def test_reserved_size_matches_reference_for_meta_of_huge_tensors(tmp_path, dtyp
     # the true ones, as the original computes them with Python ints.
     meta = [("huge", dtype, shape), ("after", "U8", [1])]
     path = tmp_path / "ours.safetensors"
-    save_safetensors_streaming(iter([]), path, meta)
+    # Empty stand-ins, one per row: their entries fit the reserved header.
+    items = [("huge", torch.empty(0, dtype=SAFETENSORS_TO_TORCH[dtype])), ("after", torch.empty(0, dtype=torch.uint8))]
+    save_safetensors_streaming(iter(items), path, meta)
     assert read_header(path).size == reserved_header_size(meta)
 
 

@@ -250,7 +250,11 @@ def collect_state_dict_meta(
     """
     _reject_mapping(tensor_iter)
     meta: StateDictMeta = []
-    for index, item in enumerate(tensor_iter):
+    # A counter, not enumerate(): enumerate's cached result tuple would keep
+    # the previous item alive while the next one is produced.
+    index = -1
+    for item in tensor_iter:
+        index += 1
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise TypeError(
                 f"tensor_iter must yield (name, tensor) pairs, but item {index} is "
