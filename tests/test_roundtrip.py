@@ -16,6 +16,7 @@ from conftest import (
     PREEXISTING,
     SAFETENSORS_TO_TORCH,
     SUPPORTED_NAMES,
+    assert_nothing_lost,
     assert_tensors_identical,
     make_tensor,
     meta_for,
@@ -296,12 +297,28 @@ def test_metadata_counts_in_the_reserved_header_size(dest):
     assert read_header(dest).size == (json_size + 7) // 8 * 8
 
 
-def test_fewer_tensors_than_meta_rows_pad_the_header_with_spaces(dest):
-    meta = [("a", "F32", [2]), ("b", "F32", [100, 100])]
-    save_safetensors_streaming([("a", torch.ones(2))], dest, meta)
+def test_a_header_shorter_than_reserved_is_padded_with_spaces(dest):
+    meta = [("a", "F32", [2]), ("a_long_name_for_b", "F32", [100, 100])]
+    items = [("a", torch.ones(2)), ("b", torch.zeros(3))]
+    save_safetensors_streaming(items, dest, meta)
     header = read_header(dest)
     assert set(header.raw[len(header.json_bytes):]) == {ord(" ")}
-    assert list(header.entries) == ["a"]
+    assert list(header.entries) == ["a", "b"]
+    assert_loads_back(dest, items)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_iterator_that_stops_early_fails_the_save(existing_dest, overlap):
+    meta = [("a", "F32", [2]), ("b", "F32", [100, 100])]
+    with pytest.raises(ValueError, match="1 missing.*'b'"):
+        save_safetensors_streaming([("a", torch.ones(2))], existing_dest, meta, overlap=overlap)
+    assert_nothing_lost(existing_dest)
+
+
+def test_renamed_keys_count_as_the_rows_they_stand_for(dest):
+    # e.g. FSDP prefixes stripped after the meta was collected
+    meta = [("_fsdp_wrapped_module.a", "F32", [2])]
+    save_safetensors_streaming([("a", torch.ones(2))], dest, meta)
     assert_loads_back(dest, [("a", torch.ones(2))])
 
 

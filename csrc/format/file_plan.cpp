@@ -1,5 +1,7 @@
 #include "format/file_plan.h"
 
+#include <algorithm>
+
 #include <trinity_stream_saver/errors.h>
 
 namespace trinity_stream_saver {
@@ -63,9 +65,18 @@ CheckedMeta check_meta(const TensorMeta& meta) {
 
 FileLayout plan_file(const std::vector<TensorMeta>& meta, const std::optional<Metadata>& metadata) {
   HeaderJson json;
-  if (metadata) json.append(metadata_entry(*metadata));
+  if (metadata) {
+    json.append(metadata_entry(*metadata));
+    if (padded_header_size(json.size()) > kMaxHeaderBytes) {
+      throw ValueError("metadata would take " + std::to_string(json.size()) +
+                       " bytes of the header, more than the " +
+                       std::to_string(kMaxHeaderBytes) +
+                       " bytes safetensors can read; store less in metadata.");
+    }
+  }
   std::unordered_set<std::string> names;
   std::uint64_t offset = 0;
+  std::uint64_t largest = 0;
   for (const TensorMeta& row : meta) {
     check_tensor_name(row.name, names, "state_dict_meta");
     names.insert(row.name);
@@ -80,6 +91,7 @@ FileLayout plan_file(const std::vector<TensorMeta>& meta, const std::optional<Me
     }
     json.append(tensor_entry(row.name, checked.dtype, checked.header_shape, offset, end));
     offset = end;
+    largest = std::max(largest, checked.bytes);
   }
   const std::uint64_t reserved = padded_header_size(json.size());
   if (reserved > kMaxHeaderBytes) {
@@ -89,7 +101,7 @@ FileLayout plan_file(const std::vector<TensorMeta>& meta, const std::optional<Me
                      " bytes safetensors can read; split the checkpoint into "
                      "several files.");
   }
-  return {reserved, offset};
+  return {reserved, offset, largest};
 }
 
 }  // namespace trinity_stream_saver

@@ -25,6 +25,7 @@ namespace trinity_stream_saver {
 struct FileLayout {
   std::uint64_t header_size;  // N: the JSON header length reserved in the file
   std::uint64_t data_size;    // bytes of tensor data after the header
+  std::uint64_t largest_tensor;  // bytes of the largest row (0 without rows)
 };
 
 // The dtype and byte size of one row, checked. Throws ValueError naming the

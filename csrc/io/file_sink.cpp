@@ -89,6 +89,12 @@ void FileSink::append(const void* data, std::size_t size) {
   write_all(fd_, data, size, path_);
 }
 
+void FileSink::append_unbuffered(const void* data, std::size_t size) {
+  if (size == 0) return;
+  flush();
+  write_all(fd_, data, size, path_);
+}
+
 void FileSink::write_at(std::uint64_t offset, const void* data, std::size_t size) {
   flush();
   pwrite_all(fd_, data, size, offset, path_);

@@ -40,6 +40,11 @@ class FileSink final {
 
   void append(const void* data, std::size_t size);
 
+  // Appends `size` bytes read only by write(2), never copied in user space:
+  // memory that another thread frees meanwhile makes the write fail with
+  // EFAULT (an OsError) instead of crashing the process.
+  void append_unbuffered(const void* data, std::size_t size);
+
   // Writes at an absolute offset, after everything appended so far.
   void write_at(std::uint64_t offset, const void* data, std::size_t size);
 

@@ -38,16 +38,6 @@ void raise_pending_signals_without_gil() {
   raise_pending_signals();
 }
 
-std::string short_repr(py::handle object) {
-  std::string text = py::repr(object).cast<std::string>();
-  if (text.size() > 80) text = text.substr(0, 77) + "...";
-  return text;
-}
-
-std::string type_name(py::handle object) {
-  return py::str(reinterpret_cast<PyObject*>(Py_TYPE(object.ptr()))).cast<std::string>();
-}
-
 // Takes the name and tensor out of one item; the caller drops the item.
 void unpack_item(py::handle item, std::size_t index, std::string* name,
                  at::Tensor* tensor) {
@@ -75,7 +65,7 @@ void unpack_item(py::handle item, std::size_t index, std::string* name,
   *name = std::string(utf8, static_cast<std::size_t>(size));
   if (!THPVariable_Check(value.ptr())) {
     throw TypeError("tensor_iter must yield (name, tensor) pairs, but " + position +
-                    " ('" + *name + "') holds " + type_name(value) +
+                    " (" + quoted_name(*name) + ") holds " + type_name(value) +
                     " instead of a torch.Tensor.");
   }
   *tensor = THPVariable_Unpack(value.ptr());
@@ -110,8 +100,8 @@ TensorSource python_source(py::handle iterator) {
 }
 
 py::bytes save(py::handle tensor_iter, const std::string& filepath, py::handle state_dict_meta,
-               py::handle resolve_dtype, const std::optional<Metadata>& metadata, bool rename,
-               bool sync, bool overlap) {
+               py::handle resolve_dtype, py::handle metadata, bool rename, bool sync,
+               bool overlap, std::optional<std::uint64_t> max_queued_bytes) {
   const std::vector<TensorMeta> meta = meta_from_python(state_dict_meta, resolve_dtype);
   py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(tensor_iter.ptr()));
   if (!iterator) throw py::error_already_set();
@@ -119,7 +109,8 @@ py::bytes save(py::handle tensor_iter, const std::string& filepath, py::handle s
   options.rename = rename;
   options.fsync = sync;
   options.overlap = overlap;
-  options.metadata = metadata;
+  options.max_queued_bytes = max_queued_bytes;
+  options.metadata = metadata_from_python(metadata);
   // Between chunks of a large tensor, and while waiting for the writer
   // thread, take the GIL back briefly so that Ctrl-C stops a multi-GB
   // write within a chunk's time.
@@ -134,8 +125,9 @@ py::bytes save(py::handle tensor_iter, const std::string& filepath, py::handle s
 
 // N, the header length a save of `state_dict_meta` reserves.
 std::uint64_t reserved_header_size(py::handle state_dict_meta, py::handle resolve_dtype,
-                                   const std::optional<Metadata>& metadata) {
-  return plan_file(meta_from_python(state_dict_meta, resolve_dtype), metadata).header_size;
+                                   py::handle metadata) {
+  return plan_file(meta_from_python(state_dict_meta, resolve_dtype), metadata_from_python(metadata))
+      .header_size;
 }
 
 void finalize_without_gil(const std::string& temp_path, const std::string& destination, bool sync) {
@@ -184,7 +176,7 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception_translator(&tss::translate_errors);
   m.def("save", &tss::save, py::arg("tensor_iter"), py::arg("filepath"),
         py::arg("state_dict_meta"), py::arg("resolve_dtype"), py::arg("metadata"),
-        py::arg("rename"), py::arg("sync"), py::arg("overlap"),
+        py::arg("rename"), py::arg("sync"), py::arg("overlap"), py::arg("max_queued_bytes"),
         "Streams (name, tensor) items into filepath + '.tmp'; renames it to filepath "
         "if rename. Returns the path written (bytes).");
   m.def("finalize", &tss::finalize_without_gil, py::arg("temp_path"), py::arg("destination"),
@@ -199,6 +191,9 @@ PYBIND11_MODULE(_C, m) {
   // The torch this extension was compiled against: torch's C++ ABI changes
   // between releases, so the package refuses to run beside another one.
   m.attr("BUILT_WITH_TORCH") = TSS_TORCH_VERSION;
+  m.def("short_repr", [](py::handle object) { return tss::short_repr(object); },
+        py::arg("object"), "repr(object), cut short for error messages.");
   m.attr("MAX_HEADER_BYTES") = tss::kMaxHeaderBytes;
   m.attr("CHUNK_BYTES") = tss::TensorWriter::kChunkBytes;
+  m.attr("INLINE_BYTES") = tss::kInlineBytes;
 }

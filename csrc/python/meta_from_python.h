@@ -6,6 +6,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include <optional>
+#include <string>
 #include <vector>
 
 #include <trinity_stream_saver/tensor_meta.h>
@@ -18,5 +20,16 @@ namespace trinity_stream_saver {
 // Throws TypeError/ValueError naming the entry for malformed rows.
 std::vector<TensorMeta> meta_from_python(pybind11::handle state_dict_meta,
                                          pybind11::handle resolve_dtype);
+
+// The `metadata` argument, a list of (key, value) pairs of str, as UTF-8.
+// Throws ValueError naming the key for a string that is not valid Unicode
+// (a lone surrogate, as os.fsdecode makes from undecodable bytes).
+std::optional<Metadata> metadata_from_python(pybind11::handle metadata);
+
+// repr(object), cut short for error messages (a name can be megabytes).
+std::string short_repr(pybind11::handle object);
+
+// The name of object's type, for error messages.
+std::string type_name(pybind11::handle object);
 
 }  // namespace trinity_stream_saver

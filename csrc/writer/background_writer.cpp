@@ -1,6 +1,10 @@
 #include "writer/background_writer.h"
 
+#include <algorithm>
 #include <utility>
+
+#include <trinity_stream_saver/errors.h>
+#include "format/file_plan.h"
 
 namespace trinity_stream_saver {
 
@@ -11,9 +15,11 @@ struct Cancelled {};
 
 }  // namespace
 
-BackgroundWriter::BackgroundWriter(TensorWriter& writer,
+BackgroundWriter::BackgroundWriter(TensorWriter& writer, std::uint64_t max_queued_bytes,
                                    std::function<void()> while_waiting)
-    : writer_(writer), while_waiting_(std::move(while_waiting)) {
+    : writer_(writer),
+      max_queued_bytes_(max_queued_bytes),
+      while_waiting_(std::move(while_waiting)) {
   writer_.set_between_chunks([this] {
     if (stopping_.load(std::memory_order_relaxed)) throw Cancelled{};
   });
@@ -28,65 +34,170 @@ BackgroundWriter::~BackgroundWriter() {
   changed_.notify_all();
   worker_.join();
   writer_.set_between_chunks({});
-}
+}  // The jobs left, and the tensors they hold, are dropped here, on the caller's thread.
 
 void BackgroundWriter::run() {
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
-    changed_.wait(lock, [this] { return stopping_ || job_.has_value(); });
+    changed_.wait(lock, [this] { return stopping_ || (!queue_.empty() && !error_); });
     if (stopping_) return;
-    Job job = std::move(*job_);
-    job_.reset();
+    Job job = std::move(queue_.front());
+    queue_.pop_front();
+    queued_bytes_ -= job.size;
+    writing_ = true;
     lock.unlock();
+    changed_.notify_all();  // room in the queue
     std::exception_ptr error;
     try {
-      writer_.write(job.name, job.tensor);
+      if (job.owned.data) {
+        writer_.append_owned(job.data, job.size);
+      } else {
+        writer_.append_foreign(job.held.name, job.data, job.size);
+      }
     } catch (const Cancelled&) {
     } catch (...) {
       error = std::current_exception();
     }
     lock.lock();
-    written_ = std::move(job.tensor);
-    if (error) error_ = error;
-    busy_ = false;
+    writing_ = false;
+    if (error && !error_) error_ = error;
+    written_.push_back(std::move(job));
     changed_.notify_all();
   }
 }
 
-void BackgroundWriter::wait_idle(std::unique_lock<std::mutex>& lock,
-                                 at::Tensor* finished) {
-  while (!changed_.wait_for(lock, kWaitSlice, [this] { return !busy_; })) {
+void BackgroundWriter::wait(std::unique_lock<std::mutex>& lock,
+                            const std::function<bool()>& done) {
+  while (!changed_.wait_for(lock, kWaitSlice, done)) {
     if (while_waiting_) {
       lock.unlock();
       while_waiting_();
       lock.lock();
     }
   }
-  *finished = std::move(written_);
-  written_ = at::Tensor();
-  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
 }
 
-void BackgroundWriter::write(std::string name, at::Tensor tensor, at::Tensor* finished) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  wait_idle(lock, finished);
-  if (static_cast<std::size_t>(tensor.numel()) * tensor.element_size() < kInlineBytes) {
-    // The worker is idle, so the writer is ours to use on this thread.
-    lock.unlock();
-    writer_.write(name, tensor);
-    lock.lock();
-    written_ = std::move(tensor);
-    return;
+BackgroundWriter::Buffer BackgroundWriter::take_buffer(std::size_t size) {
+  for (auto spare = spare_.rbegin(); spare != spare_.rend(); ++spare) {
+    if (spare->capacity >= size) {
+      Buffer buffer = std::move(*spare);
+      spare_.erase(std::next(spare).base());
+      return buffer;
+    }
   }
-  job_ = Job{std::move(name), std::move(tensor)};
-  busy_ = true;
-  lock.unlock();
+  const std::size_t capacity = std::max(size, kBatchBytes);
+  return {std::make_unique_for_overwrite<char[]>(capacity), capacity};
+}
+
+void BackgroundWriter::submit(Job job) {
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    // A job larger than the bound still goes, alone, once the worker is idle.
+    wait(lock, [&] {
+      return error_ || queued_bytes_ + job.size <= max_queued_bytes_ ||
+             (queue_.empty() && !writing_);
+    });
+    if (error_) std::rethrow_exception(error_);
+    queued_bytes_ += job.size;
+    queue_.push_back(std::move(job));
+  }
   changed_.notify_all();
 }
 
-void BackgroundWriter::finish(at::Tensor* finished) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  wait_idle(lock, finished);
+void BackgroundWriter::submit_batch() {
+  if (batch_used_ == 0) return;
+  Job job;
+  job.owned = std::move(batch_);
+  job.data = job.owned.data.get();
+  job.size = std::exchange(batch_used_, 0);
+  submit(std::move(job));
+}
+
+void BackgroundWriter::write(const std::string& name, const at::Tensor& tensor) {
+  const std::uint64_t bytes = writer_.add(name, tensor);
+  if (bytes == 0) {
+  } else if (bytes < kInlineBytes) {
+    if (batch_used_ + bytes > kBatchBytes) submit_batch();
+    if (!batch_.data) batch_ = take_buffer(kBatchBytes);
+    TensorWriter::copy_in_c_order(tensor, batch_.data.get() + batch_used_);
+    batch_used_ += bytes;
+  } else if (TensorWriter::is_c_order(tensor)) {
+    submit_batch();
+    Job job;
+    job.data = static_cast<const char*>(tensor.const_data_ptr());
+    job.size = bytes;
+    const c10::Storage& storage = tensor.storage();
+    job.held = {name, tensor, storage.data(), storage.nbytes(),
+                tensor.is_inference() ? -1 : tensor._version()};
+    ++held_;
+    submit(std::move(job));
+  } else {
+    // Staged here, so that the worker never reads the producer's memory
+    // outside write(2), and the producer's tensor is not held at all.
+    submit_batch();
+    bool first = true;
+    writer_.for_each_piece(tensor, [&](const at::Tensor& piece) {
+      if (!first && while_waiting_) while_waiting_();
+      first = false;
+      Job job;
+      job.size = static_cast<std::size_t>(piece.numel()) * piece.element_size();
+      job.owned = take_buffer(job.size);
+      TensorWriter::copy_in_c_order(piece, job.owned.data.get());
+      job.data = job.owned.data.get();
+      submit(std::move(job));
+    });
+  }
+  collect();
+}
+
+void BackgroundWriter::finish() {
+  submit_batch();
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    wait(lock, [this] { return error_ || (queue_.empty() && !writing_); });
+  }
+  collect();
+}
+
+void BackgroundWriter::collect() {
+  std::vector<Job> written;
+  std::exception_ptr error;
+  {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    written.swap(written_);
+    error = error_;
+  }
+  for (Job& job : written) {
+    if (job.owned.data) {
+      spare_.push_back(std::move(job.owned));
+    } else {
+      --held_;
+      check_unchanged(job.held);
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+void BackgroundWriter::check_unchanged(const Held& held) {
+  const std::string where = "tensor " + quoted_name(held.name);
+  const c10::Storage& storage = held.tensor.storage();
+  if (storage.data() != held.storage_data || storage.nbytes() != held.storage_bytes) {
+    throw ValueError(
+        where + " lost its memory while the saver held it for writing: the producer "
+        "freed or resized its storage (e.g. untyped_storage().resize_(0)) too early. "
+        "With overlap=True the saver holds a yielded tensor until it is written, with at "
+        "most max_queued_bytes (default: the largest tensor in state_dict_meta) queued "
+        "beyond the one being written; free a tensor only once it is released, or save "
+        "with overlap=False.");
+  }
+  if (held.version >= 0 && held.tensor._version() != held.version) {
+    throw ValueError(
+        where + " was modified in place while the saver held it for writing, so the "
+        "file could hold the wrong bytes: the producer reused its memory too early (a "
+        "staging buffer refilled while still queued?). With overlap=True, a ring of R "
+        "buffers of S bytes is safe when R >= 2 + max_queued_bytes // S; use more "
+        "buffers, a smaller max_queued_bytes, or overlap=False.");
+  }
 }
 
 }  // namespace trinity_stream_saver

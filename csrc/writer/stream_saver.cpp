@@ -24,19 +24,17 @@ void write_in_turn(const TensorSource& next, TensorWriter& writer) {
   }  // `item` is released here, before next() runs again.
 }
 
-// Overlap mode: a worker thread writes tensor k while the source produces
-// tensor k+1.
-void write_overlapped(const TensorSource& next, TensorWriter& writer,
-                      const std::function<void()>& poll) {
-  BackgroundWriter background(writer, poll);
-  at::Tensor finished;
+// Overlap mode: a worker thread writes the tensors already yielded while
+// the source produces the next ones.
+void write_overlapped(const TensorSource& next, TensorWriter& writer, const SaveOptions& options) {
+  BackgroundWriter background(writer, options.max_queued_bytes.value_or(writer.largest_tensor()),
+                              options.poll);
   for (;;) {
     std::optional<std::pair<std::string, at::Tensor>> item = next();
     if (!item) break;
-    background.write(std::move(item->first), std::move(item->second), &finished);
-    finished.reset();
-  }
-  background.finish(&finished);
+    background.write(item->first, item->second);
+  }  // `item` is dropped here; what the saver still holds is in `background`.
+  background.finish();
 }
 
 }  // namespace
@@ -47,7 +45,7 @@ std::string save_safetensors_streaming(const TensorSource& next, const std::stri
   const std::string temp_path = filepath + ".tmp";
   TensorWriter writer(temp_path, state_dict_meta, options.metadata, options.poll);
   if (options.overlap) {
-    write_overlapped(next, writer, options.poll);
+    write_overlapped(next, writer, options);
   } else {
     write_in_turn(next, writer);
   }

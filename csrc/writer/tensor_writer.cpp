@@ -2,10 +2,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <bit>
+#include <cerrno>
 #include <climits>
+#include <cstring>
 #include <sstream>
 #include <unordered_set>
 
@@ -40,19 +43,47 @@ std::string layout_name(c10::Layout layout) {
 // Wrapper subclasses (DTensor, FakeTensor, functional tensors) report a CPU
 // device but their bytes live elsewhere or nowhere; writing from their data
 // pointer would read garbage or crash.
-bool has_plain_cpu_memory(const at::Tensor& tensor) {
+bool is_wrapper(const at::Tensor& tensor) {
   const c10::DispatchKeySet wrappers{c10::DispatchKey::Python,
                                      c10::DispatchKey::PythonTLSSnapshot,
                                      c10::DispatchKey::Functionalize};
-  if (tensor.key_set().has_any(wrappers) || !tensor.has_storage()) return false;
+  if (tensor.key_set().has_any(wrappers) || !tensor.has_storage()) return true;
+  try {
+    return !tensor.storage().device().is_cpu();
+  } catch (const c10::Error&) {
+    return true;  // storage that refuses to give its device
+  }
+}
+
+// True if the storage holds every byte the tensor's view reaches. Not so
+// after untyped_storage().resize_(0) (how FSDP frees a gathered parameter):
+// writing from it would read freed memory.
+bool storage_covers_view(const at::Tensor& tensor) {
   if (tensor.numel() == 0) return true;
   try {
     const c10::Storage& storage = tensor.storage();
-    return storage.device().is_cpu() && storage.data() != nullptr;
+    if (storage.data() == nullptr) return false;
+    std::uint64_t last = static_cast<std::uint64_t>(tensor.storage_offset());
+    for (std::int64_t dim = 0; dim < tensor.dim(); ++dim) {
+      last += static_cast<std::uint64_t>(tensor.size(dim) - 1) *
+              static_cast<std::uint64_t>(tensor.stride(dim));
+    }
+    return (last + 1) * tensor.element_size() <= storage.nbytes();
   } catch (const c10::Error&) {
     return false;  // storage that refuses to give its data pointer
   }
 }
+
+// The saver's own tensor operations (views, staging copies) run as plain
+// ATen calls: not recorded by autograd, and not routed through a Python
+// dispatch mode the caller has active (FakeTensorMode would turn the
+// staging buffer into a tensor without memory).
+struct PlainTensorOps {
+  at::NoGradGuard no_grad;
+  c10::impl::ExcludeDispatchKeyGuard no_python{
+      c10::DispatchKeySet{c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                          c10::DispatchKey::PreDispatch}};
+};
 
 // A transposed matrix (tensor.t(), or rows of one): what
 // transpose_to_row_major copies faster than torch's strided copy.
@@ -71,6 +102,12 @@ TensorWriter::TensorWriter(std::string path, const std::vector<TensorMeta>& meta
     : planned_(plan_file(meta, metadata)),
       reserved_(planned_.header_size),
       sink_(std::move(path)),
+      planned_names_([&] {
+        std::vector<std::string> names;
+        names.reserve(meta.size());
+        for (const TensorMeta& row : meta) names.push_back(row.name);
+        return names;
+      }()),
       between_chunks_(std::move(between_chunks)) {
   if (metadata) header_.append(metadata_entry(*metadata));
   std::uint64_t file_size = 0;
@@ -108,11 +145,17 @@ Dtype TensorWriter::check_tensor(const std::string& name,
     throw ValueError(where + " is quantized; safetensors stores plain dtypes "
                      "only. Dequantize it (tensor.dequantize()) first.");
   }
-  if (!has_plain_cpu_memory(tensor)) {
+  if (is_wrapper(tensor)) {
     throw ValueError(where + " has no CPU memory of its own to write (a "
                      "wrapper tensor subclass such as DTensor, FakeTensor or a "
                      "functional tensor); pass a plain CPU tensor, e.g. "
                      ".full_tensor() or .to_local().");
+  }
+  if (!storage_covers_view(tensor)) {
+    throw ValueError(where + " has lost its memory: its storage was freed or shrunk "
+                     "(e.g. untyped_storage().resize_(0)) before it was saved. Yield it "
+                     "before freeing it; with overlap=True, free it only once the saver "
+                     "has released it (see max_queued_bytes).");
   }
   const std::optional<Dtype> dtype = safetensors_dtype(tensor.scalar_type());
   if (!dtype) {
@@ -122,6 +165,11 @@ Dtype TensorWriter::check_tensor(const std::string& name,
 }
 
 void TensorWriter::write(const std::string& name, const at::Tensor& tensor) {
+  add(name, tensor);
+  write_data(tensor);
+}
+
+std::uint64_t TensorWriter::add(const std::string& name, const at::Tensor& tensor) {
   const Dtype dtype = check_tensor(name, tensor);
   const std::optional<std::vector<std::int64_t>> shape =
       header_shape(dtype, std::span<const std::int64_t>(tensor.sizes().data(), tensor.sizes().size()));
@@ -138,24 +186,33 @@ void TensorWriter::write(const std::string& name, const at::Tensor& tensor) {
     throw ValueError(
         "tensor " + quoted_name(name) + " does not fit in the header reserved from " +
         "state_dict_meta (" + std::to_string(reserved_) + " bytes): " +
-        "state_dict_meta does not describe the tensors being saved. Pass " +
-        "metadata for exactly the tensors the iterator yields (e.g. from " +
-        "collect_state_dict_meta).");
-  }
-
-  // Autograd must not record the staging copies (nor keep the tensor alive
-  // through a graph).
-  const at::NoGradGuard no_grad;
-  if (bytes != 0) {
-    if (tensor.is_contiguous() && !tensor.is_conj() && !tensor.is_neg()) {
-      write_contiguous(tensor);
-    } else {
-      write_strided(tensor);
-    }
+        "state_dict_meta does not describe the tensors being saved. It must list " +
+        "exactly the tensors the iterator yields, in the order it yields them, with " +
+        "the same dtypes and shapes (e.g. from collect_state_dict_meta).");
   }
   data_size_ += bytes;
   header_.append(std::move(entry));
   names_.insert(name);
+  return bytes;
+}
+
+bool TensorWriter::is_c_order(const at::Tensor& tensor) {
+  return tensor.is_contiguous() && !tensor.is_conj() && !tensor.is_neg();
+}
+
+void TensorWriter::write_data(const at::Tensor& tensor) {
+  if (tensor.numel() == 0) return;
+  const PlainTensorOps plain;
+  if (is_c_order(tensor)) {
+    write_contiguous(tensor);
+    return;
+  }
+  bool first = true;
+  for_each_piece(tensor, [&](const at::Tensor& piece) {
+    if (!first && between_chunks_) between_chunks_();
+    first = false;
+    stage_and_append(piece);
+  });
 }
 
 void TensorWriter::write_contiguous(const at::Tensor& tensor) {
@@ -167,12 +224,12 @@ void TensorWriter::write_contiguous(const at::Tensor& tensor) {
   }
 }
 
-// Puts the tensor in C order piece by piece through the staging buffer:
-// whole runs of rows when a row fits the buffer, otherwise row by row.
-void TensorWriter::write_strided(const at::Tensor& view) {
+void TensorWriter::for_each_piece(const at::Tensor& view,
+                                  const std::function<void(const at::Tensor&)>& piece) const {
+  const PlainTensorOps plain;
   const std::size_t size = view.numel() * view.element_size();
   if (size <= kChunkBytes) {
-    stage_and_append(view);
+    piece(view);
     return;
   }
   const std::int64_t rows = view.size(0);
@@ -180,41 +237,92 @@ void TensorWriter::write_strided(const at::Tensor& view) {
   const std::int64_t rows_per_chunk =
       std::max<std::int64_t>(1, static_cast<std::int64_t>(kChunkBytes / row_size));
   for (std::int64_t row = 0; row < rows; row += rows_per_chunk) {
-    if (row != 0 && between_chunks_) between_chunks_();
     const at::Tensor part = view.narrow(0, row, std::min(rows_per_chunk, rows - row));
     if (row_size > kChunkBytes) {
-      write_strided(part.select(0, 0));
+      for_each_piece(part.select(0, 0), piece);
     } else {
-      stage_and_append(part);
+      piece(part);
     }
   }
+}
+
+void TensorWriter::copy_in_c_order(const at::Tensor& view, void* target) {
+  const PlainTensorOps plain;
+  const std::int64_t size = view.numel() * view.element_size();
+  if (size == 0) return;
+  if (is_c_order(view)) {
+    std::memcpy(target, view.const_data_ptr(), static_cast<std::size_t>(size));
+    return;
+  }
+  if (is_column_major_matrix(view)) {
+    transpose_to_row_major(view.const_data_ptr(), view.size(0), view.size(1), view.stride(1),
+                           view.element_size(), target);
+    return;
+  }
+  // Copy as same-width integers: a bit-exact copy that needs no copy kernel
+  // for exotic dtypes (float8, float4). Lazily conjugated or negated views
+  // need torch's own copy, which applies the conjugation.
+  at::Tensor source = view;
+  if (!view.is_conj() && !view.is_neg()) {
+    source = view.view(same_width_integer(view.element_size()));
+  }
+  at::Tensor destination =
+      at::from_blob(target, source.sizes(), at::TensorOptions().dtype(source.scalar_type()));
+  destination.copy_(source);
 }
 
 void TensorWriter::stage_and_append(const at::Tensor& view) {
   const std::int64_t size = view.numel() * view.element_size();
   if (!staging_.defined() || staging_.numel() < size) {
+    const PlainTensorOps plain;
     staging_ = at::empty({size}, at::TensorOptions().dtype(at::kByte));
   }
-  if (is_column_major_matrix(view)) {
-    transpose_to_row_major(view.const_data_ptr(), view.size(0), view.size(1), view.stride(1),
-                           view.element_size(), staging_.mutable_data_ptr());
-    sink_.append(staging_.const_data_ptr(), static_cast<std::size_t>(size));
-    return;
-  }
-  at::Tensor source = view;
-  at::Tensor target = staging_.narrow(0, 0, size);
-  // Copy as same-width integers: a bit-exact copy that needs no copy kernel
-  // for exotic dtypes (float8, float4). Lazily conjugated or negated views
-  // need torch's own copy, which applies the conjugation.
-  if (!view.is_conj() && !view.is_neg()) {
-    source = view.view(same_width_integer(view.element_size()));
-  }
-  target = target.view(source.scalar_type()).view(source.sizes());
-  target.copy_(source);
+  copy_in_c_order(view, staging_.mutable_data_ptr());
   sink_.append(staging_.const_data_ptr(), static_cast<std::size_t>(size));
 }
 
+void TensorWriter::append_owned(const void* data, std::size_t size) { sink_.append(data, size); }
+
+void TensorWriter::append_foreign(const std::string& name, const void* data, std::size_t size) {
+  const char* bytes = static_cast<const char*>(data);
+  try {
+    for (std::size_t done = 0; done < size; done += kChunkBytes) {
+      if (done != 0 && between_chunks_) between_chunks_();
+      sink_.append_unbuffered(bytes + done, std::min(kChunkBytes, size - done));
+    }
+  } catch (const OsError& error) {
+    if (error.error_number() != EFAULT) throw;
+    throw ValueError("tensor " + quoted_name(name) + " lost its memory while it was being "
+                     "written: the producer freed its storage (e.g. untyped_storage()."
+                     "resize_(0)) before the saver released it. With overlap=True, keep a "
+                     "yielded tensor's memory until the saver has released it (see "
+                     "max_queued_bytes), or save with overlap=False.");
+  }
+}
+
 void TensorWriter::finish_file() {
+  // Counted, not matched by name: callers may yield renamed keys (e.g. FSDP
+  // prefixes stripped after the meta was collected). The names only hint.
+  if (names_.size() < planned_names_.size()) {
+    const std::size_t missing = planned_names_.size() - names_.size();
+    std::string never_yielded;
+    std::size_t listed = 0;
+    for (const std::string& name : planned_names_) {
+      if (names_.count(name) != 0) continue;
+      if (listed == 5) {
+        never_yielded += ", ...";
+        break;
+      }
+      never_yielded += (listed++ == 0 ? "" : ", ") + quoted_name(name);
+    }
+    throw ValueError(
+        "the iterator stopped after " + std::to_string(names_.size()) +
+        " tensors, but state_dict_meta lists " + std::to_string(planned_names_.size()) +
+        ": " + std::to_string(missing) + " missing. A checkpoint without them would look " +
+        "like a good save, so nothing was written. Yield every tensor state_dict_meta " +
+        "describes, or pass state_dict_meta for only the tensors you save." +
+        (listed != 0 ? " Rows never yielded by name: " + never_yielded + "." : ""));
+  }
   // The preallocated size assumed every tensor of state_dict_meta; fewer
   // (or smaller) tensors leave preallocated space to cut off.
   if (data_size_ != planned_.data_size) sink_.truncate(8 + reserved_ + data_size_);

@@ -40,8 +40,41 @@ class TensorWriter final {
                std::function<void()> between_chunks = {});
 
   // Checks `tensor` and appends its bytes in C order straight from its
-  // memory. Throws ValueError naming the tensor if it cannot be saved.
+  // memory: add() and write_data() in one. Throws ValueError naming the
+  // tensor if it cannot be saved.
   void write(const std::string& name, const at::Tensor& tensor);
+
+  // Checks `tensor` and records its header entry as the next in the file;
+  // returns its size in bytes. Its bytes must be appended next (with
+  // write_data(), or the pieces below). Throws ValueError naming the tensor.
+  std::uint64_t add(const std::string& name, const at::Tensor& tensor);
+
+  // Appends the bytes of the tensor just added, reading its memory here.
+  void write_data(const at::Tensor& tensor);
+
+  // The pieces overlap mode is built from (see background_writer.h).
+  //
+  // True if `tensor`'s memory holds its bytes in C order (no lazy
+  // conjugation or negation): they can be written straight from it.
+  static bool is_c_order(const at::Tensor& tensor);
+  // Calls `piece` with consecutive views of `tensor` whose bytes, in C
+  // order, are the tensor's: whole runs of rows up to kChunkBytes, or
+  // single rows (recursively) when a row is larger.
+  void for_each_piece(const at::Tensor& tensor,
+                      const std::function<void(const at::Tensor&)>& piece) const;
+  // Copies the bytes of `view` in C order to `target` (view.nbytes()
+  // bytes), without autograd or Python dispatch modes.
+  static void copy_in_c_order(const at::Tensor& view, void* target);
+  // Appends bytes the saver owns.
+  void append_owned(const void* data, std::size_t size);
+  // Appends the bytes of tensor `name` from memory its producer owns, read
+  // only by write(2), in chunks with `between_chunks` between them: if the
+  // producer frees the memory meanwhile, this throws ValueError naming the
+  // tensor instead of crashing.
+  void append_foreign(const std::string& name, const void* data, std::size_t size);
+
+  // Bytes of the largest tensor state_dict_meta describes.
+  std::uint64_t largest_tensor() const noexcept { return planned_.largest_tensor; }
 
   // Replaces the callback between chunks (a background thread that writes
   // for Python needs a different check than Python's main thread).
@@ -59,7 +92,6 @@ class TensorWriter final {
  private:
   Dtype check_tensor(const std::string& name, const at::Tensor& tensor) const;
   void write_contiguous(const at::Tensor& tensor);
-  void write_strided(const at::Tensor& view);
   void stage_and_append(const at::Tensor& view);
   void finish_file();
 
@@ -67,6 +99,7 @@ class TensorWriter final {
   const std::uint64_t reserved_;
   FileSink sink_;
   HeaderJson header_;
+  const std::vector<std::string> planned_names_;  // for the missing-rows hint
   std::unordered_set<std::string> names_;
   std::uint64_t data_size_ = 0;
   at::Tensor staging_;  // reused between non-contiguous tensors

@@ -20,6 +20,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <functional>
 #include <optional>
 #include <string>
@@ -37,9 +38,19 @@ struct SaveOptions {
   bool rename = true;
   // The data is on disk before the rename, and the rename before returning.
   bool fsync = false;
-  // A thread writes tensor k while `next` produces tensor k+1 (see
-  // README, "Overlap"): more than one tensor may then be alive.
+  // A thread writes the tensors already yielded while `next` produces the
+  // following ones (see README, "Overlap"). Tensors below kInlineBytes, and
+  // tensors not in C order, are copied into the saver's memory at once;
+  // the others are held until written.
   bool overlap = false;
+  // With overlap: the most bytes queued beyond the tensor being written
+  // (one larger tensor still goes, alone, once the writer is idle). While
+  // `next` runs, the saver holds the producer's tensors only as the one
+  // being written and this queue; so a ring of R staging buffers of S bytes
+  // may be reused safely when R >= 2 + max_queued_bytes / S (rounded
+  // down). A held tensor modified in place or freed meanwhile fails the
+  // save with ValueError. Default: the largest tensor in state_dict_meta.
+  std::optional<std::uint64_t> max_queued_bytes;
   // Stored as the header's "__metadata__"; none when empty (an engaged but
   // empty list is written as {}, as safetensors does).
   std::optional<Metadata> metadata;
@@ -55,7 +66,9 @@ using TensorSource = std::function<std::optional<std::pair<std::string, at::Tens
 
 // Streams every tensor `next` yields into `filepath + ".tmp"`, with the
 // header space reserved from `state_dict_meta` (one row per tensor, in the
-// order they are yielded), then renames it to `filepath`. Each tensor is
+// order they are yielded), then renames it to `filepath`. If `next` ends
+// before it has yielded as many tensors as state_dict_meta has rows, the
+// save fails with ValueError (a checkpoint missing tensors is not a save). Each tensor is
 // written from its own memory and released before `next` is called again
 // (with options.overlap, see above). Returns `filepath`, or the temporary
 // file's path with options.rename == false.
@@ -77,5 +90,9 @@ std::string finalize(const std::string& tmp_path, const std::string& filepath, b
 // The state_dict_meta row of a tensor. Throws ValueError if safetensors
 // cannot store its dtype.
 TensorMeta tensor_meta(const std::string& name, const at::Tensor& tensor);
+
+// With SaveOptions::overlap, tensors smaller than this many bytes are copied
+// into the saver's memory as they are yielded (and never held).
+inline constexpr std::size_t kInlineBytes = std::size_t{1} << 20;
 
 }  // namespace trinity_stream_saver

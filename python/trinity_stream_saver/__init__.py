@@ -49,7 +49,7 @@ DTYPE_TO_SAFETENSORS: dict[torch.dtype, str] = {
 
 def _unsupported_dtype(name: object, dtype: object) -> ValueError:
     return ValueError(
-        f"state_dict_meta entry {name!r} has dtype {dtype!r}, which cannot be "
+        f"state_dict_meta entry {_C.short_repr(name)} has dtype {_C.short_repr(dtype)}, which cannot be "
         f"saved. Use a torch.dtype, its name (e.g. 'bfloat16') or a safetensors "
         f"dtype: {', '.join(_C.supported_dtypes())}."
     )
@@ -65,7 +65,7 @@ def _resolve_dtype(name: object, dtype: object) -> str:
         dtype = torch_dtype
     if not isinstance(dtype, torch.dtype):
         raise TypeError(
-            f"state_dict_meta entry {name!r} has a dtype of type "
+            f"state_dict_meta entry {_C.short_repr(name)} has a dtype of type "
             f"{type(dtype).__name__}; expected a str or a torch.dtype."
         )
     safetensors_name = _C.safetensors_dtype(dtype)
@@ -90,9 +90,11 @@ def _check_meta(state_dict_meta: object) -> None:
 def _path(argument: str, value: object) -> str:
     path = os.fspath(value)
     if not isinstance(path, str):
-        raise TypeError(f"{argument} must be a str or os.PathLike of str, not {path!r}.")
+        raise TypeError(f"{argument} must be a str or os.PathLike of str, not {_C.short_repr(path)}.")
     if "\0" in path:
-        raise ValueError(f"{argument} {path!r} contains a null byte; no file can have that name.")
+        raise ValueError(
+            f"{argument} {_C.short_repr(path)} contains a null byte; no file can have that name."
+        )
     return path
 
 
@@ -116,10 +118,18 @@ def _normalise_metadata(metadata: object) -> Optional[list[tuple[str, str]]]:
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(
-                f"metadata must map str to str, but has {key!r}: {value!r}; "
-                f"convert values with str() first."
+                f"metadata must map str to str, but has {_C.short_repr(key)}: "
+                f"{_C.short_repr(value)}; convert values with str() first."
             )
     return list(metadata.items())
+
+
+def _max_queued_bytes(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_queued_bytes must be an int, not {type(value).__name__}.")
+    if value < 0:
+        raise ValueError(f"max_queued_bytes must not be negative, but is {value}.")
+    return min(value, 2**64 - 1)
 
 
 def save_safetensors_streaming(
@@ -131,6 +141,7 @@ def save_safetensors_streaming(
     metadata: Optional[Mapping[str, str]] = None,
     fsync: bool = False,
     overlap: bool = False,
+    max_queued_bytes: Optional[int] = None,
 ) -> str:
     """Stream-write a safetensors file, holding only one tensor in memory.
 
@@ -139,17 +150,37 @@ def save_safetensors_streaming(
             tensor is released before the next item is requested.
         filepath: destination. Data goes to ``filepath + ".tmp"`` first.
         state_dict_meta: ``(name, dtype, shape)`` for every tensor the
-            iterator yields (``TensorMeta`` or plain tuples; dtype as a
-            safetensors name, a ``torch.dtype`` or its name). The header
-            space is reserved exactly from it.
+            iterator yields, in the order it yields them (``TensorMeta`` or
+            plain tuples; dtype as a safetensors name, a ``torch.dtype`` or
+            its name). The header space is reserved exactly from it. If the
+            iterator stops before it has yielded as many tensors as there
+            are rows, the save fails with ``ValueError`` and nothing is
+            written: a generator that died early is not a good checkpoint.
         rename: if True, atomically replace ``filepath`` with the finished
             file; if False, leave it at ``filepath + ".tmp"`` for the caller.
         metadata: optional ``dict[str, str]`` stored as ``__metadata__``.
         fsync: if True, the data is on disk before the rename and the rename
             is on disk before returning (with ``rename=False``: the data).
-        overlap: if True, a C++ thread writes tensor k while the iterator
-            produces tensor k+1, so one tensor beyond the one being written
-            may be alive; off by default, which holds one tensor at a time.
+        overlap: if True, a C++ thread writes the tensors already yielded
+            while the iterator produces the next ones; off by default, which
+            holds one tensor at a time. Tensors under ``_C.INLINE_BYTES``
+            (1 MiB), and tensors not in C order, are copied into the saver's
+            memory as they are yielded and never held. Larger ones are held
+            until written: the one being written, plus a queue of at most
+            ``max_queued_bytes``.
+        max_queued_bytes: with ``overlap``, the most bytes of tensors
+            queued beyond the one being written (a larger tensor still goes,
+            alone, once the writer is idle). Default: the largest tensor in
+            ``state_dict_meta``, which keeps the peak memory of the default
+            one-at-a-time hand-off. Reused buffers: while the iterator
+            produces the next item, the saver holds only the tensor being
+            written and the queue, so a ring of ``R`` staging buffers of
+            ``S`` bytes each (one tensor per buffer) may be refilled safely
+            when ``R >= 2 + max_queued_bytes // S``: 3 buffers by default,
+            2 with ``max_queued_bytes=0``. A held tensor that is modified in
+            place (which bumps its version) or whose storage is freed or
+            resized fails the save with ``ValueError`` naming it; changes
+            made behind torch's back (numpy, raw pointers) cannot be seen.
 
     Returns:
         ``str(filepath)`` if ``rename`` else the temporary file's path.
@@ -170,6 +201,7 @@ def save_safetensors_streaming(
         bool(rename),
         bool(fsync),
         bool(overlap),
+        None if max_queued_bytes is None else _max_queued_bytes(max_queued_bytes),
     )
     return path if rename else os.fsdecode(written)
 
@@ -235,7 +267,23 @@ def collect_state_dict_meta(
     """
     _reject_mapping(tensor_iter)
     meta: StateDictMeta = []
-    for name, tensor in tensor_iter:
+    # A counter, not enumerate(): enumerate's cached result tuple would keep
+    # the previous item alive while the next one is produced.
+    index = -1
+    for item in tensor_iter:
+        index += 1
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(
+                f"tensor_iter must yield (name, tensor) pairs, but item {index} is "
+                f"{type(item).__name__} {_C.short_repr(item)}; pass state_dict.items()."
+            )
+        name, tensor = item
+        del item
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"tensor_iter must yield (name, tensor) pairs, but item {index} "
+                f"({_C.short_repr(name)}) holds {type(tensor).__name__} instead of a torch.Tensor."
+            )
         dtype = _C.safetensors_dtype(tensor.dtype)
         if dtype is not None:
             meta.append(TensorMeta(name, dtype, list(tensor.shape)))

@@ -16,81 +16,100 @@ using testing::exists;
 using testing::read_file;
 using testing::ScratchDir;
 
-std::vector<TensorMeta> meta_for(int count, std::int64_t size) {
+constexpr std::int64_t kLarge = static_cast<std::int64_t>(kInlineBytes);  // bytes, as U8
+
+// Large and small tensors interleaved, so that jobs reach the worker
+// thread and small ones go through batches between them.
+std::vector<std::pair<TensorMeta, at::Tensor>> mixed_stream(int count) {
+  std::vector<std::pair<TensorMeta, at::Tensor>> items;
+  for (int i = 0; i < count; ++i) {
+    const std::int64_t size = i % 2 == 0 ? kLarge + i : 100 + i;
+    items.push_back({{"t" + std::to_string(i), "U8", {size}},
+                     at::full({size}, i, at::kByte)});
+  }
+  return items;
+}
+
+std::vector<TensorMeta> meta_of(const std::vector<std::pair<TensorMeta, at::Tensor>>& items) {
   std::vector<TensorMeta> meta;
-  for (int i = 0; i < count; ++i) meta.push_back({"t" + std::to_string(i), "I32", {size}});
+  for (const auto& item : items) meta.push_back(item.first);
   return meta;
 }
 
-TEST(BackgroundWriter, WritesTheSameFileAsTheWriterAlone) {
+TEST(BackgroundWriter, WritesTheSameFileAsTheWriterAloneForInterleavedSizes) {
   ScratchDir dir;
-  const std::vector<TensorMeta> meta = meta_for(5, 1000);
+  auto items = mixed_stream(9);
+  items.push_back({{"transposed", "I32", {600, 700}}, at::arange(420000, at::kInt).view({700, 600}).t()});
+  const std::vector<TensorMeta> meta = meta_of(items);
   {
     TensorWriter direct(dir.file("direct.tmp"), meta, std::nullopt);
-    for (int i = 0; i < 5; ++i) direct.write(meta[i].name, at::full({1000}, i, at::kInt));
+    for (const auto& [row, tensor] : items) direct.write(row.name, tensor);
     direct.close_and_keep(/*sync=*/false);
   }
-  {
-    TensorWriter writer(dir.file("background.tmp"), meta, std::nullopt);
-    BackgroundWriter background(writer, {});
-    at::Tensor finished;
-    for (int i = 0; i < 5; ++i) {
-      background.write(meta[i].name, at::full({1000}, i, at::kInt), &finished);
-    }
-    background.finish(&finished);
+  for (const std::uint64_t queue : {std::uint64_t{0}, std::uint64_t{1} << 30}) {
+    const std::string path = dir.file("background" + std::to_string(queue) + ".tmp");
+    TensorWriter writer(path, meta, std::nullopt);
+    BackgroundWriter background(writer, queue, {});
+    for (const auto& [row, tensor] : items) background.write(row.name, tensor);
+    background.finish();
     writer.close_and_keep(/*sync=*/false);
+    EXPECT_EQ(read_file(path), read_file(dir.file("direct.tmp"))) << queue;
   }
-  EXPECT_EQ(read_file(dir.file("background.tmp")), read_file(dir.file("direct.tmp")));
 }
 
-TEST(BackgroundWriter, GivesEachWrittenTensorBackToTheCaller) {
+TEST(BackgroundWriter, HoldsOnlyLargeTensorsInCOrder) {
   ScratchDir dir;
-  const std::vector<TensorMeta> meta = meta_for(2, 10);
+  const std::vector<TensorMeta> meta{{"small", "U8", {10}},
+                                     {"transposed", "I32", {1024, 512}},
+                                     {"large", "U8", {kLarge}}};
   TensorWriter writer(dir.file("f.tmp"), meta, std::nullopt);
-  BackgroundWriter background(writer, {});
-  const at::Tensor first = at::zeros({10}, at::kInt);
-  at::Tensor finished;
-  background.write("t0", first, &finished);
-  EXPECT_FALSE(finished.defined());  // nothing was written before
-  background.write("t1", at::ones({10}, at::kInt), &finished);
-  EXPECT_TRUE(finished.is_same(first));
-  background.finish(&finished);
-  EXPECT_TRUE(finished.defined());
+  BackgroundWriter background(writer, std::uint64_t{1} << 30, {});
+  background.write("small", at::zeros({10}, at::kByte));
+  background.write("transposed", at::zeros({512, 1024}, at::kInt).t());
+  EXPECT_EQ(background.held_tensors(), 0u);  // both copied into the saver's memory
+  background.write("large", at::zeros({kLarge}, at::kByte));
+  background.finish();
+  EXPECT_EQ(background.held_tensors(), 0u);  // released once written
 }
 
-TEST(BackgroundWriter, RethrowsTheWorkersErrorAtTheNextCall) {
+TEST(BackgroundWriter, RefusesABadTensorOnTheCallersThreadAtOnce) {
   ScratchDir dir;
-  TensorWriter writer(dir.file("f.tmp"), meta_for(2, 1 << 18), std::nullopt);
-  BackgroundWriter background(writer, {});
-  at::Tensor finished;
-  // Large enough to be handed to the worker; a dtype it must refuse.
-  background.write("t0", at::zeros({1 << 18}, at::kComplexDouble), &finished);
-  EXPECT_THROW(background.finish(&finished), ValueError);
+  TensorWriter writer(dir.file("f.tmp"), {{"t0", "U8", {kLarge}}}, std::nullopt);
+  BackgroundWriter background(writer, 0, {});
+  EXPECT_THROW(background.write("t0", at::zeros({kLarge}, at::kComplexDouble)), ValueError);
 }
 
-TEST(BackgroundWriter, WritesSmallTensorsOnTheCallersThreadAndThrowsAtOnce) {
+TEST(BackgroundWriter, ReportsATensorModifiedInPlaceWhileHeld) {
   ScratchDir dir;
-  TensorWriter writer(dir.file("f.tmp"), meta_for(2, 10), std::nullopt);
-  BackgroundWriter background(writer, {});
-  at::Tensor finished;
-  EXPECT_THROW(background.write("t0", at::zeros({10}, at::kComplexDouble), &finished),
-               ValueError);
+  const std::int64_t size = std::int64_t{256} << 20;  // takes far longer to write than to queue
+  TensorWriter writer(dir.file("f.tmp"), {{"a", "U8", {size}}, {"b", "U8", {size}}}, std::nullopt);
+  BackgroundWriter background(writer, std::uint64_t{1} << 40, {});
+  at::Tensor buffer = at::zeros({size}, at::kByte);
+  background.write("a", buffer);
+  buffer.fill_(1);  // reused while "a" is still being written
+  try {
+    background.write("b", at::zeros({size}, at::kByte));
+    background.finish();
+    FAIL() << "no error";
+  } catch (const ValueError& error) {
+    EXPECT_NE(std::string(error.what()).find("'a' was modified in place"), std::string::npos)
+        << error.what();
+  }
 }
 
 TEST(BackgroundWriter, RunsTheWaitHookWhileTheWorkerIsBusyAndLetsItStopTheWait) {
   ScratchDir dir;
-  // 1 GiB through the staging buffer: far longer than one wait slice.
+  // 1 GiB from a tensor in C order: far longer than one wait slice.
   const std::int64_t size = std::int64_t{1} << 30;
   TensorWriter writer(dir.file("f.tmp"), {{"big", "U8", {size}}}, std::nullopt);
   int waits = 0;
   struct Stop {};
-  BackgroundWriter background(writer, [&] {
+  BackgroundWriter background(writer, 0, [&] {
     ++waits;
     throw Stop{};
   });
-  at::Tensor finished;
-  background.write("big", at::zeros({1}, at::kByte).expand({size}), &finished);
-  EXPECT_THROW(background.finish(&finished), Stop);
+  background.write("big", at::zeros({size}, at::kByte));
+  EXPECT_THROW(background.finish(), Stop);
   EXPECT_EQ(waits, 1);
 }
 
@@ -99,9 +118,8 @@ TEST(BackgroundWriter, DestroyedMidWriteAbandonsTheFile) {
   const std::int64_t size = std::int64_t{512} << 20;
   {
     TensorWriter writer(dir.file("f.tmp"), {{"big", "U8", {size}}}, std::nullopt);
-    BackgroundWriter background(writer, {});
-    at::Tensor finished;
-    background.write("big", at::zeros({1}, at::kByte).expand({size}), &finished);
+    BackgroundWriter background(writer, 0, {});
+    background.write("big", at::zeros({size}, at::kByte));
   }  // cancels the write at its next chunk, then removes the file
   EXPECT_FALSE(exists(dir.file("f.tmp")));
 }

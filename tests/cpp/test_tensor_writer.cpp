@@ -99,12 +99,39 @@ TEST(TensorWriter, CutsPreallocatedSpaceThatNoTensorFilled) {
   ScratchDir dir;
   std::uint64_t reserved = 0;
   {
-    TensorWriter writer(dir.file("f.tmp"), {{"a", "F32", {1000}}, {"b", "I64", {10}}}, std::nullopt);
+    // The meta describes a larger tensor than the one written.
+    TensorWriter writer(dir.file("f.tmp"), {{"a", "F32", {1000}}, {"b", "I64", {1000}}}, std::nullopt);
     writer.write("a", at::ones({1000}));
+    writer.write("b", at::ones({10}, at::kLong));
     reserved = writer.reserved_header_size();
     writer.close_and_keep(/*sync=*/false);
   }
-  EXPECT_EQ(std::filesystem::file_size(dir.file("f.tmp")), 8 + reserved + 4000);
+  EXPECT_EQ(std::filesystem::file_size(dir.file("f.tmp")), 8 + reserved + 4080);
+}
+
+TEST(TensorWriter, RefusesToFinishWithFewerTensorsThanMetaRowsAndNamesTheMissingOnes) {
+  ScratchDir dir;
+  std::string message;
+  {
+    TensorWriter writer(dir.file("f.tmp"), {{"a", "F32", {2}}, {"b", "F32", {2}}, {"c", "F32", {2}}},
+                        std::nullopt);
+    writer.write("a", at::ones({2}));
+    message = value_error([&] { writer.close_and_keep(/*sync=*/false); });
+  }
+  EXPECT_NE(message.find("stopped after 1 tensors, but state_dict_meta lists 3: 2 missing"),
+            std::string::npos) << message;
+  EXPECT_NE(message.find("'b', 'c'"), std::string::npos) << message;
+  EXPECT_FALSE(testing::exists(dir.file("f.tmp")));
+}
+
+TEST(TensorWriter, CountsRenamedTensorsAsTheRowsTheyStandFor) {
+  ScratchDir dir;
+  {
+    TensorWriter writer(dir.file("f.tmp"), {{"model.a", "F32", {2}}}, std::nullopt);
+    writer.write("a", at::ones({2}));
+    writer.close_and_keep(/*sync=*/false);
+  }
+  EXPECT_TRUE(testing::exists(dir.file("f.tmp")));
 }
 
 TEST(TensorWriter, WritesNonContiguousTensorsInCOrder) {
