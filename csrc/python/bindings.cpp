@@ -18,6 +18,7 @@
 #include <trinity_stream_saver/stream_saver.h>
 
 #include "format/dtype.h"
+#include "format/file_plan.h"
 #include "format/header.h"
 #include "python/meta_from_python.h"
 #include "writer/tensor_writer.h"
@@ -285,6 +286,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("plan_shards", &tss::plan_shards_from_python, py::arg("state_dict_meta"),
         py::arg("resolve_dtype"), py::arg("max_shard_size"), py::arg("filename_pattern"),
         "The shard plan of state_dict_meta, as huggingface_hub's split_torch_state_dict_into_shards.");
+  m.def("data_size", [](py::handle state_dict_meta, py::handle resolve_dtype) {
+          return tss::plan_file(tss::meta_from_python(state_dict_meta, resolve_dtype),
+                                std::nullopt).data_size;
+        }, py::arg("state_dict_meta"), py::arg("resolve_dtype"),
+        "Bytes of tensor data that state_dict_meta describes.");
   m.def("save_sharded", &tss::save_sharded, py::arg("tensor_iter"), py::arg("directory"),
         py::arg("plan"), py::arg("metadata"), py::arg("sync"), py::arg("overlap"),
         "Writes, commits and finishes a sharded checkpoint. Returns the index or single file's path.");

@@ -287,8 +287,9 @@ std::string finish_sharded_checkpoint(const std::string& directory, const ShardP
 
 std::string save_sharded_streaming(const TensorSource& next, const std::string& directory,
                                    const ShardPlan& plan, const ShardWriteOptions& options) {
-  create_directories(directory);
+  // The writer checks its arguments before the directory is made.
   ShardedWriter writer(directory, plan, all_files(plan), options);
+  create_directories(directory);
   writer.write(next);
   writer.commit();
   return finish_sharded_checkpoint(directory, plan, options);
