@@ -115,7 +115,7 @@ std::optional<std::string> check_header_length(std::string_view prefix, std::uin
   }
   if (*length > file_size - 8) {
     return "the header length " + std::to_string(*length) + " reaches beyond the end of the " +
-           std::to_string(file_size) + "-byte file";
+           std::to_string(file_size) + "-byte file (the file is cut short)";
   }
   return std::nullopt;
 }
