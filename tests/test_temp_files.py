@@ -220,18 +220,20 @@ def test_finalize_while_a_new_save_writes_the_temp_file_is_refused(existing_dest
     assert saved_correctly(existing_dest)
 
 
+def patch(path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        file.write(data)
+
+
 @pytest.mark.parametrize(
-    "damage, problem",
-    [
-        (lambda path: open(path, "r+b").write(b"\0" * 8), "never finished"),
-        (lambda path: open(path, "ab").write(b"extra"), "extra bytes"),
-        (lambda path: open(path, "r+b").write(b"\xff" * 8), "header length"),
-    ],
+    "offset, data, problem",
+    [(0, b"\0" * 8, "never finished"), ("end", b"extra", "extra bytes"), (0, b"\xff" * 8, "header length")],
     ids=["header_never_written", "bytes_appended", "length_garbled"],
 )
-def test_finalize_names_what_is_wrong_with_the_file(existing_dest, damage, problem):
+def test_finalize_names_what_is_wrong_with_the_file(existing_dest, offset, data, problem):
     temp = save_safetensors_streaming(iter(ITEMS), existing_dest, meta_for(ITEMS), rename=False)
-    damage(temp)
+    patch(temp, os.path.getsize(temp) if offset == "end" else offset, data)
     with pytest.raises(ValueError, match=problem):
         finalize(temp, existing_dest)
     assert read_bytes(existing_dest) == PREEXISTING
