@@ -114,6 +114,9 @@ void BackgroundWriter::submit_batch() {
 }
 
 void BackgroundWriter::write(const std::string& name, const at::Tensor& tensor) {
+  // A failed write on the worker is reported as itself, not as the writer
+  // refusing the next tensor.
+  collect();
   const std::uint64_t bytes = writer_.add(name, tensor);
   if (bytes == 0) {
   } else if (bytes < kInlineBytes) {

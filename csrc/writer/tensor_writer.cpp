@@ -164,12 +164,47 @@ Dtype TensorWriter::check_tensor(const std::string& name,
   return *dtype;
 }
 
+void TensorWriter::check_usable(const std::string& what) const {
+  if (failed_.load(std::memory_order_acquire)) {
+    throw ValueError("cannot " + what + ": this TensorWriter's file is incomplete because " +
+                     failure_ + "; start a new save.");
+  }
+}
+
+template <typename Step>
+void TensorWriter::failing_for_good(Step&& step) {
+  // Only messages that are plain text are repeated: what() of an exception
+  // from the caller's callback (a Python error) may need the interpreter.
+  // Only one thread writes bytes at a time, so only one can get here.
+  const auto fail = [this](std::string why) {
+    if (failed_.load(std::memory_order_relaxed)) return;
+    failure_ = std::move(why);
+    failed_.store(true, std::memory_order_release);
+  };
+  try {
+    step();
+  } catch (const OsError& error) {
+    fail("an earlier call failed (" + std::string(error.what()) + ")");
+    throw;
+  } catch (const ValueError& error) {
+    fail("an earlier call failed (" + std::string(error.what()) + ")");
+    throw;
+  } catch (const c10::Error& error) {
+    fail(std::string("an earlier call failed (") + error.what_without_backtrace() + ")");
+    throw;
+  } catch (...) {
+    fail("an earlier call failed or was interrupted");
+    throw;
+  }
+}
+
 void TensorWriter::write(const std::string& name, const at::Tensor& tensor) {
   add(name, tensor);
   write_data(tensor);
 }
 
 std::uint64_t TensorWriter::add(const std::string& name, const at::Tensor& tensor) {
+  check_usable("write tensor " + quoted_name(name));
   const Dtype dtype = check_tensor(name, tensor);
   const std::optional<std::vector<std::int64_t>> shape =
       header_shape(dtype, std::span<const std::int64_t>(tensor.sizes().data(), tensor.sizes().size()));
@@ -203,15 +238,17 @@ bool TensorWriter::is_c_order(const at::Tensor& tensor) {
 void TensorWriter::write_data(const at::Tensor& tensor) {
   if (tensor.numel() == 0) return;
   const PlainTensorOps plain;
-  if (is_c_order(tensor)) {
-    write_contiguous(tensor);
-    return;
-  }
-  bool first = true;
-  for_each_piece(tensor, [&](const at::Tensor& piece) {
-    if (!first && between_chunks_) between_chunks_();
-    first = false;
-    stage_and_append(piece);
+  failing_for_good([&] {
+    if (is_c_order(tensor)) {
+      write_contiguous(tensor);
+      return;
+    }
+    bool first = true;
+    for_each_piece(tensor, [&](const at::Tensor& piece) {
+      if (!first && between_chunks_) between_chunks_();
+      first = false;
+      stage_and_append(piece);
+    });
   });
 }
 
@@ -281,15 +318,19 @@ void TensorWriter::stage_and_append(const at::Tensor& view) {
   sink_.append(staging_.const_data_ptr(), static_cast<std::size_t>(size));
 }
 
-void TensorWriter::append_owned(const void* data, std::size_t size) { sink_.append(data, size); }
+void TensorWriter::append_owned(const void* data, std::size_t size) {
+  failing_for_good([&] { sink_.append(data, size); });
+}
 
 void TensorWriter::append_foreign(const std::string& name, const void* data, std::size_t size) {
   const char* bytes = static_cast<const char*>(data);
   try {
-    for (std::size_t done = 0; done < size; done += kChunkBytes) {
-      if (done != 0 && between_chunks_) between_chunks_();
-      sink_.append_unbuffered(bytes + done, std::min(kChunkBytes, size - done));
-    }
+    failing_for_good([&] {
+      for (std::size_t done = 0; done < size; done += kChunkBytes) {
+        if (done != 0 && between_chunks_) between_chunks_();
+        sink_.append_unbuffered(bytes + done, std::min(kChunkBytes, size - done));
+      }
+    });
   } catch (const OsError& error) {
     if (error.error_number() != EFAULT) throw;
     throw ValueError("tensor " + quoted_name(name) + " lost its memory while it was being "
@@ -331,13 +372,19 @@ void TensorWriter::finish_file() {
 }
 
 void TensorWriter::close_and_rename(const std::string& destination, bool sync) {
-  finish_file();
-  sink_.close_and_rename(destination, sync);
+  check_usable("finish the file");
+  failing_for_good([&] {
+    finish_file();
+    sink_.close_and_rename(destination, sync);
+  });
 }
 
 void TensorWriter::close_and_keep(bool sync) {
-  finish_file();
-  sink_.close_and_keep(sync);
+  check_usable("finish the file");
+  failing_for_good([&] {
+    finish_file();
+    sink_.close_and_keep(sync);
+  });
 }
 
 }  // namespace trinity_stream_saver

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -41,7 +42,12 @@ class TensorWriter final {
 
   // Checks `tensor` and appends its bytes in C order straight from its
   // memory: add() and write_data() in one. Throws ValueError naming the
-  // tensor if it cannot be saved.
+  // tensor if it cannot be saved; such a tensor leaves the file as it was.
+  //
+  // Once writing a tensor's bytes (or closing the file) has failed, the
+  // file may hold part of a tensor: every later write and close throws
+  // ValueError saying what failed, so that a caller who carries on never
+  // gets a corrupt file.
   void write(const std::string& name, const at::Tensor& tensor);
 
   // Checks `tensor` and records its header entry as the next in the file;
@@ -90,6 +96,12 @@ class TensorWriter final {
   std::uint64_t reserved_header_size() const noexcept { return reserved_; }
 
  private:
+  // Throws ValueError if an earlier call left the file incomplete.
+  void check_usable(const std::string& what) const;
+  // Runs `step`, which changes the file; if it throws, the writer refuses
+  // every later call.
+  template <typename Step>
+  void failing_for_good(Step&& step);
   Dtype check_tensor(const std::string& name, const at::Tensor& tensor) const;
   void write_contiguous(const at::Tensor& tensor);
   void stage_and_append(const at::Tensor& view);
@@ -104,6 +116,11 @@ class TensorWriter final {
   std::uint64_t data_size_ = 0;
   at::Tensor staging_;  // reused between non-contiguous tensors
   std::function<void()> between_chunks_;
+  // Why this writer refuses further calls: set by the first that failed.
+  // Set once, by whichever thread writes the bytes (the overlap worker
+  // too), and read by the caller's thread: the flag publishes the text.
+  std::string failure_;
+  std::atomic<bool> failed_{false};
 };
 
 }  // namespace trinity_stream_saver
