@@ -127,13 +127,13 @@ def test_plan_is_the_hubs_split_for_mixed_dtypes_and_a_custom_pattern():
 
 @pytest.mark.parametrize("text", ["5GB", "500MB", "1.5GB", " 7 gb ", "0.3KB", "2TB", "100kb"])
 def test_size_strings_mean_what_the_hub_parses(text):
-    from trinity_stream_saver import _parse_size
+    from trinity_stream_saver._arguments import _parse_size
 
     assert _parse_size(text) == huggingface_hub.serialization._base.parse_size_to_int(text)
 
 
 def test_binary_size_strings_are_powers_of_two():
-    from trinity_stream_saver import _parse_size
+    from trinity_stream_saver._arguments import _parse_size
 
     assert _parse_size("2GiB") == 2 << 30
     assert _parse_size("1.5 mib") == 3 << 19

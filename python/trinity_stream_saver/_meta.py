@@ -1,0 +1,73 @@
+"""state_dict_meta: the rows a save is planned from, and the original
+module's names for them (TensorMeta, DTYPE_TO_SAFETENSORS,
+_compute_exact_header_size)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from ._arguments import _check_meta, _normalise_metadata, _reject_mapping, _resolve_dtype
+from ._extension import _C
+
+
+class TensorMeta(NamedTuple):
+    """Metadata for a single tensor, sufficient to compute its header entry."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+StateDictMeta = list[TensorMeta]
+
+#: torch dtype -> safetensors dtype name, for every dtype this library saves
+#: (the original module's name for the same table).
+DTYPE_TO_SAFETENSORS: dict[torch.dtype, str] = {
+    dtype: name
+    for dtype in vars(torch).values()
+    if isinstance(dtype, torch.dtype) and (name := _C.safetensors_dtype(dtype)) is not None
+}
+
+def _compute_exact_header_size(
+    state_dict_meta: Iterable[Union[TensorMeta, tuple]],
+    metadata: Optional[Mapping[str, str]] = None,
+) -> int:
+    """N: the JSON header length (in bytes, a multiple of 8) that a save of
+    ``state_dict_meta`` reserves, as the original module computes it."""
+    _check_meta(state_dict_meta)
+    return _C.reserved_header_size(state_dict_meta, _resolve_dtype, _normalise_metadata(metadata))
+
+def collect_state_dict_meta(
+    tensor_iter: Iterable[tuple[str, torch.Tensor]],
+) -> StateDictMeta:
+    """Iterate once and return the metadata of every tensor that can be saved.
+
+    Tensors of dtypes safetensors cannot store are skipped. No tensor is
+    held after its entry is made.
+    """
+    _reject_mapping(tensor_iter)
+    meta: StateDictMeta = []
+    # A counter, not enumerate(): enumerate's cached result tuple would keep
+    # the previous item alive while the next one is produced.
+    index = -1
+    for item in tensor_iter:
+        index += 1
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(
+                f"tensor_iter must yield (name, tensor) pairs, but item {index} is "
+                f"{type(item).__name__} {_C.short_repr(item)}; pass state_dict.items()."
+            )
+        name, tensor = item
+        del item
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"tensor_iter must yield (name, tensor) pairs, but item {index} "
+                f"({_C.short_repr(name)}) holds {type(tensor).__name__} instead of a torch.Tensor."
+            )
+        dtype = _C.safetensors_dtype(tensor.dtype)
+        if dtype is not None:
+            meta.append(TensorMeta(name, dtype, list(tensor.shape)))
+        del tensor
+    return meta
