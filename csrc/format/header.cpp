@@ -5,8 +5,6 @@
 
 namespace trinity_stream_saver {
 
-namespace {
-
 // nlohmann's ensure_ascii output matches Python's json.dumps: every
 // character outside 0x20-0x7E becomes \uXXXX (lowercase hex, surrogate
 // pairs above U+FFFF) except the short escapes \b \f \n \r \t.
@@ -31,6 +29,8 @@ std::string json_string(std::string_view text) {
   return nlohmann::json(std::string(text))
       .dump(/*indent=*/-1, /*indent_char=*/' ', /*ensure_ascii=*/true);
 }
+
+namespace {
 
 void append_int_array(std::string& out, std::span<const std::int64_t> values) {
   out += '[';

@@ -26,6 +26,9 @@ inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;
 // The key safetensors reserves for the free-form string metadata.
 inline constexpr std::string_view kMetadataKey = "__metadata__";
 
+// `text` as a JSON string literal, escaped as json.dumps escapes it.
+std::string json_string(std::string_view text);
+
 // `"name":{"dtype":"BF16","shape":[4,8],"data_offsets":[begin,end]}`
 std::string tensor_entry(std::string_view name, const Dtype& dtype,
                          std::span<const std::int64_t> shape,

@@ -13,6 +13,8 @@
 #include <vector>
 
 #include <trinity_stream_saver/errors.h>
+#include <trinity_stream_saver/shard_plan.h>
+#include <trinity_stream_saver/sharded_saver.h>
 #include <trinity_stream_saver/stream_saver.h>
 
 #include "format/dtype.h"
@@ -138,6 +140,95 @@ std::uint64_t reserved_header_size(py::handle state_dict_meta, py::handle resolv
   return plan_file(meta_from_python(state_dict_meta, resolve_dtype), metadata).header_size;
 }
 
+ShardPlan plan_shards_from_python(py::handle state_dict_meta, py::handle resolve_dtype,
+                                  std::uint64_t max_shard_size,
+                                  const std::string& filename_pattern) {
+  return plan_shards(meta_from_python(state_dict_meta, resolve_dtype), max_shard_size,
+                     filename_pattern);
+}
+
+// (filename, [tensor names], bytes) for each file, in file-number order.
+py::list plan_files(const ShardPlan& plan) {
+  py::list files;
+  for (const ShardFile& file : plan.files) {
+    py::list names;
+    for (const TensorMeta& row : file.tensors) names.append(py::str(row.name));
+    files.append(py::make_tuple(py::str(file.filename), names, file.bytes));
+  }
+  return files;
+}
+
+ShardWriteOptions write_options(const std::optional<Metadata>& metadata,
+                                std::optional<std::uint64_t> total_parameters, bool sync,
+                                bool overlap) {
+  ShardWriteOptions options;
+  options.fsync = sync;
+  options.overlap = overlap;
+  options.metadata = metadata;
+  options.total_parameters = total_parameters;
+  options.poll = raise_pending_signals_without_gil;
+  return options;
+}
+
+py::bytes save_sharded(py::handle tensor_iter, const std::string& directory, const ShardPlan& plan,
+                       const std::optional<Metadata>& metadata, bool sync, bool overlap) {
+  py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(tensor_iter.ptr()));
+  if (!iterator) throw py::error_already_set();
+  const ShardWriteOptions options = write_options(metadata, std::nullopt, sync, overlap);
+  std::string written;
+  {
+    py::gil_scoped_release nogil;
+    written = save_sharded_streaming(python_source(iterator), directory, plan, options);
+  }
+  return py::bytes(written);
+}
+
+// The phases of a sharded save for Python (issue 11's distributed save):
+// a ShardedWriter for the files named by `filenames` (all when None).
+std::unique_ptr<ShardedWriter> make_sharded_writer(
+    const ShardPlan& plan, const std::string& directory,
+    const std::optional<std::vector<std::string>>& filenames,
+    const std::optional<Metadata>& metadata, bool sync, bool overlap) {
+  std::vector<std::size_t> files;
+  if (!filenames) {
+    files = all_files(plan);
+  } else {
+    for (const std::string& name : *filenames) {
+      std::size_t i = 0;
+      while (i < plan.files.size() && plan.files[i].filename != name) ++i;
+      if (i == plan.files.size()) {
+        throw ValueError("'" + name + "' is not a file of the shard plan.");
+      }
+      files.push_back(i);
+    }
+  }
+  return std::make_unique<ShardedWriter>(directory, plan, files,
+                                         write_options(metadata, std::nullopt, sync, overlap));
+}
+
+void sharded_writer_write(ShardedWriter& writer, py::handle tensor_iter) {
+  py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(tensor_iter.ptr()));
+  if (!iterator) throw py::error_already_set();
+  py::gil_scoped_release nogil;
+  writer.write(python_source(iterator));
+}
+
+std::vector<py::bytes> as_bytes(const std::vector<std::string>& paths) {
+  return std::vector<py::bytes>(paths.begin(), paths.end());
+}
+
+py::bytes finish_sharded_from_python(const ShardPlan& plan, const std::string& directory,
+                                     const std::optional<Metadata>& metadata,
+                                     std::optional<std::uint64_t> total_parameters, bool sync) {
+  const ShardWriteOptions options = write_options(metadata, total_parameters, sync, false);
+  std::string written;
+  {
+    py::gil_scoped_release nogil;
+    written = finish_sharded_checkpoint(directory, plan, options);
+  }
+  return py::bytes(written);
+}
+
 void finalize_without_gil(const std::string& temp_path, const std::string& destination, bool sync) {
   py::gil_scoped_release nogil;
   finalize(temp_path, destination, sync);
@@ -192,6 +283,45 @@ PYBIND11_MODULE(_C, m) {
   m.def("reserved_header_size", &tss::reserved_header_size, py::arg("state_dict_meta"),
         py::arg("resolve_dtype"), py::arg("metadata"),
         "N: the header length a save of state_dict_meta reserves.");
+  py::class_<tss::ShardPlan>(m, "ShardPlan",
+                             "A shard plan made in C++ (see trinity_stream_saver.plan_shards).")
+      .def_readonly("filename_pattern", &tss::ShardPlan::filename_pattern)
+      .def_readonly("total_size", &tss::ShardPlan::total_size)
+      .def_readonly("total_parameters", &tss::ShardPlan::total_parameters)
+      .def_property_readonly("is_sharded", &tss::ShardPlan::is_sharded)
+      .def_property_readonly("index_filename", &tss::ShardPlan::index_filename)
+      .def_property_readonly("files", &tss::plan_files,
+                             "(filename, [tensor names], bytes) per file, in order.");
+  m.def("plan_shards", &tss::plan_shards_from_python, py::arg("state_dict_meta"),
+        py::arg("resolve_dtype"), py::arg("max_shard_size"), py::arg("filename_pattern"),
+        "The shard plan of state_dict_meta, as huggingface_hub's split_torch_state_dict_into_shards.");
+  m.def("data_size", [](py::handle state_dict_meta, py::handle resolve_dtype) {
+          return tss::plan_file(tss::meta_from_python(state_dict_meta, resolve_dtype),
+                                std::nullopt).data_size;
+        }, py::arg("state_dict_meta"), py::arg("resolve_dtype"),
+        "Bytes of tensor data that state_dict_meta describes.");
+  m.def("save_sharded", &tss::save_sharded, py::arg("tensor_iter"), py::arg("directory"),
+        py::arg("plan"), py::arg("metadata"), py::arg("sync"), py::arg("overlap"),
+        "Writes, commits and finishes a sharded checkpoint. Returns the index or single file's path.");
+  py::class_<tss::ShardedWriter>(m, "ShardedWriter",
+                                 "Phases 1 and 2 of a sharded save (sharded_saver.h).")
+      .def(py::init(&tss::make_sharded_writer), py::arg("plan"), py::arg("directory"),
+           py::arg("filenames"), py::arg("metadata"), py::arg("sync"), py::arg("overlap"))
+      .def("write", &tss::sharded_writer_write, py::arg("tensor_iter"),
+           "Pulls every item; writes this writer's files under temporary names.")
+      .def("temp_paths", [](const tss::ShardedWriter& w) { return tss::as_bytes(w.temp_paths()); })
+      .def("commit", [](tss::ShardedWriter& w) {
+             std::vector<std::string> paths;
+             {
+               py::gil_scoped_release nogil;
+               paths = w.commit();
+             }
+             return tss::as_bytes(paths);
+           }, "Renames the temporary files; returns the final paths.")
+      .def("abort", &tss::ShardedWriter::abort, "Removes the temporary files not yet renamed.");
+  m.def("finish_sharded_checkpoint", &tss::finish_sharded_from_python, py::arg("plan"),
+        py::arg("directory"), py::arg("metadata"), py::arg("total_parameters"), py::arg("sync"),
+        "Writes the index (when sharded) and removes an older checkpoint's files.");
   m.def("safetensors_dtype", &tss::safetensors_dtype_name, py::arg("dtype"),
         "The safetensors dtype name for a torch.dtype, or None if it cannot be saved.");
   m.def("supported_dtypes", &tss::supported_dtype_list,

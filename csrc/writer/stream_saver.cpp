@@ -1,56 +1,22 @@
-// The stream loop behind the public API: pulls (name, tensor) items from a
-// TensorSource and hands them to the TensorWriter, in turn or overlapped.
-// Knows torch; knows nothing of Python (the bindings wrap a Python
-// iterator as a TensorSource).
+// The single-file save behind the public API: one TensorWriter fed by the
+// stream loop (writer/stream_loop). Knows torch; knows nothing of Python
+// (the bindings wrap a Python iterator as a TensorSource).
 #include <trinity_stream_saver/stream_saver.h>
 
 #include "format/file_plan.h"
 #include "io/durability.h"
-#include "writer/background_writer.h"
+#include "writer/stream_loop.h"
 #include "writer/tensor_writer.h"
 #include "writer/torch_dtype.h"
 
 namespace trinity_stream_saver {
-
-namespace {
-
-// Default mode: each tensor is written, then released, before the source
-// is asked for the next one, so only one tensor is alive at a time.
-void write_in_turn(const TensorSource& next, TensorWriter& writer) {
-  for (;;) {
-    std::optional<std::pair<std::string, at::Tensor>> item = next();
-    if (!item) return;
-    writer.write(item->first, item->second);
-  }  // `item` is released here, before next() runs again.
-}
-
-// Overlap mode: a worker thread writes tensor k while the source produces
-// tensor k+1.
-void write_overlapped(const TensorSource& next, TensorWriter& writer,
-                      const std::function<void()>& poll) {
-  BackgroundWriter background(writer, poll);
-  at::Tensor finished;
-  for (;;) {
-    std::optional<std::pair<std::string, at::Tensor>> item = next();
-    if (!item) break;
-    background.write(std::move(item->first), std::move(item->second), &finished);
-    finished.reset();
-  }
-  background.finish(&finished);
-}
-
-}  // namespace
 
 std::string save_safetensors_streaming(const TensorSource& next, const std::string& filepath,
                                        const std::vector<TensorMeta>& state_dict_meta,
                                        const SaveOptions& options) {
   const std::string temp_path = filepath + ".tmp";
   TensorWriter writer(temp_path, state_dict_meta, options.metadata, options.poll);
-  if (options.overlap) {
-    write_overlapped(next, writer, options.poll);
-  } else {
-    write_in_turn(next, writer);
-  }
+  write_stream(next, writer, options.overlap, options.poll);
   if (!options.rename) {
     writer.close_and_keep(options.fsync);
     return temp_path;
