@@ -1,34 +1,22 @@
 #include "io/durability.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstdio>
 
 #include <trinity_stream_saver/errors.h>
+
+#include "io/file_descriptor.h"
+#include "io/posix_io.h"
+#include "io/system_calls.h"
+#include "io/temp_file.h"
+#include "io/verify_file.h"
 
 namespace trinity_stream_saver {
 
 namespace {
-
-int open_or_throw(const std::string& path, int flags, const std::string& action) {
-  int fd = -1;
-  do {
-    fd = ::open(path.c_str(), flags | O_CLOEXEC);
-  } while (fd < 0 && errno == EINTR);
-  if (fd < 0) throw OsError(errno, path, action);
-  return fd;
-}
-
-// Syncs an open descriptor and closes it; `data_only` skips metadata that
-// is not needed to read the data back (timestamps).
-void sync_and_close(int fd, const std::string& path, bool data_only) {
-  const int synced = data_only ? ::fdatasync(fd) : ::fsync(fd);
-  const int sync_errno = errno;
-  ::close(fd);
-  if (synced != 0) throw OsError(sync_errno, path, "sync to disk");
-}
 
 std::string parent_directory(const std::string& path) {
   const std::size_t slash = path.find_last_of('/');
@@ -37,23 +25,74 @@ std::string parent_directory(const std::string& path) {
   return path.substr(0, slash);
 }
 
+const char* kind_of_special_file(mode_t mode) {
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISSOCK(mode)) return "a socket";
+  return "not a regular file";
+}
+
 }  // namespace
 
 void sync_parent_directory(const std::string& path) {
   const std::string directory = parent_directory(path);
-  const int fd = open_or_throw(directory, O_RDONLY | O_DIRECTORY, "open the directory to sync it");
-  sync_and_close(fd, directory, /*data_only=*/false);
+  FileDescriptor fd(retry_on_eintr(
+      [&] { return ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); }));
+  if (!fd) throw OsError(errno, directory, "open the directory to sync it");
+  if (system_calls().fsync(fd.get()) != 0) throw OsError(errno, directory, "sync to disk");
+}
+
+void check_destination(const std::string& destination) {
+  struct stat info {};
+  if (::lstat(destination.c_str(), &info) != 0) {
+    // Missing is fine; other errors (a missing directory, no permission)
+    // are reported by the step that needs the path, with its own words.
+    return;
+  }
+  if (S_ISREG(info.st_mode) || S_ISLNK(info.st_mode)) return;
+  if (S_ISDIR(info.st_mode)) {
+    throw OsError(EISDIR, destination,
+                  "save a file there: it is a directory; give a file name inside it");
+  }
+  throw OsError(EEXIST, destination,
+                std::string("save a file there: it is ") + kind_of_special_file(info.st_mode) +
+                    ", which a save never replaces; remove it or save to another path");
+}
+
+void rename_into_place(const std::string& temp_path, const std::string& destination) {
+  check_destination(destination);
+  if (system_calls().rename(temp_path.c_str(), destination.c_str()) != 0) {
+    throw OsError(errno, destination, "rename the temporary file '" + temp_path + "' to it");
+  }
+}
+
+void sync_after_rename(const std::string& temp_path, const std::string& destination) {
+  try {
+    sync_parent_directory(destination);
+  } catch (const OsError& error) {
+    throw OsError(error.error_number(), error.path(),
+                  "sync the directory after renaming '" + temp_path + "' to '" + destination +
+                      "'; the new file is in place, but its name may not survive a power cut");
+  }
 }
 
 void finalize_file(const std::string& temp_path, const std::string& destination, bool sync) {
-  if (sync) {
-    const int fd = open_or_throw(temp_path, O_RDONLY, "open the temporary file to sync it");
-    sync_and_close(fd, temp_path, /*data_only=*/true);
+  // The lock is held until the rename is done: a save to the same
+  // destination that starts meanwhile fails instead of replacing the file
+  // being finalized.
+  FileDescriptor fd = open_finished_temp_file(temp_path);
+  if (std::optional<std::string> problem = safetensors_file_problem(fd.get(), temp_path)) {
+    throw ValueError("cannot finalize '" + temp_path + "': it is not a complete safetensors " +
+                     "file (" + *problem + "). It was left where it is, and '" + destination +
+                     "' was not touched.");
   }
-  if (::rename(temp_path.c_str(), destination.c_str()) != 0) {
-    throw OsError(errno, destination, "rename the temporary file '" + temp_path + "' to it");
+  if (sync && system_calls().fdatasync(fd.get()) != 0) {
+    throw OsError(errno, temp_path, "sync to disk");
   }
-  if (sync) sync_parent_directory(destination);
+  check_still_named(fd, temp_path);
+  rename_into_place(temp_path, destination);
+  if (sync) sync_after_rename(temp_path, destination);
 }
 
 }  // namespace trinity_stream_saver

@@ -1,5 +1,5 @@
-// Making a finished file survive a crash or power cut, and making it
-// visible under its final name. Knows POSIX files only.
+// Making a finished file visible under its final name, and making that
+// survive a crash or power cut. Knows POSIX files only.
 //
 // Why both steps: rename() is atomic but not durable. After a power cut the
 // new name can point at a file whose data never reached the disk unless the
@@ -15,10 +15,30 @@ namespace trinity_stream_saver {
 // `path` survives a crash. Throws OsError.
 void sync_parent_directory(const std::string& path);
 
-// The step a save with rename=False leaves to the caller: with `sync`,
-// fdatasync() `temp_path`, rename it to `destination`, fsync() the
-// directory. Throws OsError naming the path that failed; if the rename did
-// not happen, `temp_path` is still in place.
+// Throws OsError unless `destination` is something a save may replace:
+// nothing, a regular file, or a symbolic link (the link itself is
+// replaced, as os.replace() does; the file it points to is untouched). A
+// directory is EISDIR; a device node, FIFO or socket is EEXIST: replacing
+// one by a regular file is never what a save meant.
+void check_destination(const std::string& destination);
+
+// Renames the finished `temp_path` to `destination` after checking the
+// destination (check_destination). Throws OsError naming `destination`;
+// `temp_path` is then still in place.
+void rename_into_place(const std::string& temp_path, const std::string& destination);
+
+// After rename_into_place(), fsync()s the directory so that the rename
+// survives a power cut. Throws OsError naming the directory and saying
+// that the new file is in place, only its name may not be durable yet.
+void sync_after_rename(const std::string& temp_path, const std::string& destination);
+
+// The step a save with rename=False leaves to the caller. Locks
+// `temp_path` (no save may be writing it, nor start to), checks that it is
+// a complete safetensors file, with `sync` fdatasync()s it, renames it
+// into place and syncs the directory. Throws ValueError naming `temp_path`
+// and what is wrong with it, or OsError naming the path that failed; if
+// the rename did not happen, `temp_path` is still in place and
+// `destination` untouched.
 void finalize_file(const std::string& temp_path, const std::string& destination, bool sync);
 
 }  // namespace trinity_stream_saver

@@ -9,6 +9,8 @@
 #include <memory>
 #include <string>
 
+#include "io/file_descriptor.h"
+
 namespace trinity_stream_saver {
 
 class FileSink final {
@@ -18,11 +20,15 @@ class FileSink final {
   static constexpr std::size_t kBufferBytes = std::size_t{4} << 20;
 
   // Creates `path` (replacing a stale file of that name), mode 0666 less the
-  // umask, as Python's open(path, "wb") does. Throws OsError.
+  // umask, as Python's open(path, "wb") does, never through a symbolic link
+  // and never into a file another save is writing (see io/temp_file.h).
+  // Throws OsError (EBUSY if another save is writing `path`).
   explicit FileSink(std::string path);
 
   // A sink destroyed before close_and_rename() or close_and_keep() closes
-  // and removes its file: a failed save leaves nothing behind.
+  // and removes its file: a failed save leaves nothing behind. The file is
+  // removed while still locked, so that the removal cannot hit the file
+  // of a save that starts at the same moment.
   ~FileSink();
 
   FileSink(const FileSink&) = delete;
@@ -48,13 +54,16 @@ class FileSink final {
   void truncate(std::uint64_t size);
 
   // Closes the file and atomically renames it to `destination`, replacing
-  // any file there. With `sync`, the data is on disk before the rename and
-  // the rename is on disk before this returns. On failure before the
-  // rename the file is removed and OsError thrown.
+  // a regular file or symbolic link there (see check_destination). With
+  // `sync`, the data is on disk before the rename and the rename is on disk
+  // before this returns. Throws OsError; on failure before the rename the
+  // file is removed (when the sink is destroyed) and `destination` is
+  // untouched. The lock is held until the rename is done.
   void close_and_rename(const std::string& destination, bool sync);
 
   // Closes the file and leaves it at path() for the caller to finish
-  // (with `sync`, its data is on disk first).
+  // (with `sync`, its data is on disk first). Releases the lock: the file
+  // is complete, and finalize() takes the lock again to rename it.
   void close_and_keep(bool sync);
 
   const std::string& path() const noexcept { return path_; }
@@ -64,7 +73,11 @@ class FileSink final {
   void close_or_throw(bool sync);
 
   const std::string path_;
-  int fd_ = -1;
+  FileDescriptor fd_;
+  // A duplicate of fd_ that keeps the file's lock (which belongs to the
+  // open file, not the descriptor) after fd_ is closed: close() must come
+  // before the rename to report deferred write errors, the lock after it.
+  FileDescriptor lock_;
   bool finished_ = false;
   std::unique_ptr<char[]> buffer_;  // allocated on the first small append
   std::size_t buffered_ = 0;

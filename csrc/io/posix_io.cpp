@@ -25,11 +25,9 @@ void write_loop(const void* data, std::size_t size, const std::string& path,
   const char* bytes = static_cast<const char*>(data);
   std::size_t done = 0;
   while (done < size) {
-    const ssize_t written = write_some(bytes + done, size - done, done);
-    if (written < 0) {
-      if (errno == EINTR) continue;
-      throw OsError(errno, path, "write");
-    }
+    const ssize_t written =
+        retry_on_eintr([&] { return write_some(bytes + done, size - done, done); });
+    if (written < 0) throw OsError(errno, path, "write");
     // A regular file never accepts zero bytes of a non-empty write; treat it
     // as an I/O error rather than spin forever.
     if (written == 0) throw OsError(EIO, path, "write");

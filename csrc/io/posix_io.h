@@ -1,15 +1,27 @@
-// Write loops over POSIX descriptors that finish the job: a write may be
-// short or interrupted by a signal (EINTR), and only a real error stops it.
+// POSIX calls that finish the job: a write may be short, and any call may
+// be interrupted by a signal (EINTR); only a real error stops them.
 // Nothing here knows about torch or Python.
 #pragma once
 
 #include <sys/types.h>
 
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <string>
 
 namespace trinity_stream_saver {
+
+// Calls `call` again while it fails with EINTR (a signal arrived before it
+// could finish) and returns its last result. Only for calls that are safe
+// to repeat: never close(), whose descriptor is gone even on EINTR.
+template <typename Call>
+auto retry_on_eintr(Call&& call) -> decltype(call()) {
+  for (;;) {
+    const auto result = call();
+    if (result != -1 || errno != EINTR) return result;
+  }
+}
 
 // The system calls, as parameters so that tests can feed the loops short
 // writes and EINTR on demand.

@@ -20,6 +20,7 @@
 #include "format/dtype.h"
 #include "format/file_plan.h"
 #include "format/header.h"
+#include "io/verify_file.h"
 #include "python/meta_from_python.h"
 #include "writer/tensor_writer.h"
 #include "writer/torch_dtype.h"
@@ -234,6 +235,11 @@ void finalize_without_gil(const std::string& temp_path, const std::string& desti
   finalize(temp_path, destination, sync);
 }
 
+void check_file_without_gil(const std::string& path) {
+  py::gil_scoped_release nogil;
+  check_safetensors_file(path);
+}
+
 std::optional<std::string> safetensors_dtype_name(at::ScalarType scalar_type) {
   const std::optional<Dtype> dtype = safetensors_dtype(scalar_type);
   if (!dtype) return std::nullopt;
@@ -322,6 +328,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("finish_sharded_checkpoint", &tss::finish_sharded_from_python, py::arg("plan"),
         py::arg("directory"), py::arg("metadata"), py::arg("total_parameters"), py::arg("sync"),
         "Writes the index (when sharded) and removes an older checkpoint's files.");
+  m.def("check_file", &tss::check_file_without_gil, py::arg("path"),
+        "Raises ValueError naming path and the problem unless it is a complete "
+        "safetensors file (header length, JSON, dtypes, offsets covering the data, size).");
   m.def("safetensors_dtype", &tss::safetensors_dtype_name, py::arg("dtype"),
         "The safetensors dtype name for a torch.dtype, or None if it cannot be saved.");
   m.def("supported_dtypes", &tss::supported_dtype_list,

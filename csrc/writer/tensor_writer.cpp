@@ -121,7 +121,36 @@ Dtype TensorWriter::check_tensor(const std::string& name,
   return *dtype;
 }
 
+void TensorWriter::check_usable(const std::string& what) const {
+  if (failure_) {
+    throw ValueError("cannot " + what + ": this TensorWriter's file is incomplete because " +
+                     *failure_ + "; start a new save.");
+  }
+}
+
+template <typename Step>
+void TensorWriter::failing_for_good(Step&& step) {
+  // Only messages that are plain text are repeated: what() of an exception
+  // from the caller's callback (a Python error) may need the interpreter.
+  try {
+    step();
+  } catch (const OsError& error) {
+    failure_ = "an earlier call failed (" + std::string(error.what()) + ")";
+    throw;
+  } catch (const ValueError& error) {
+    failure_ = "an earlier call failed (" + std::string(error.what()) + ")";
+    throw;
+  } catch (const c10::Error& error) {
+    failure_ = std::string("an earlier call failed (") + error.what_without_backtrace() + ")";
+    throw;
+  } catch (...) {
+    failure_ = "an earlier call failed or was interrupted";
+    throw;
+  }
+}
+
 void TensorWriter::write(const std::string& name, const at::Tensor& tensor) {
+  check_usable("write tensor " + quoted_name(name));
   const Dtype dtype = check_tensor(name, tensor);
   const std::optional<std::vector<std::int64_t>> shape =
       header_shape(dtype, std::span<const std::int64_t>(tensor.sizes().data(), tensor.sizes().size()));
@@ -147,11 +176,13 @@ void TensorWriter::write(const std::string& name, const at::Tensor& tensor) {
   // through a graph).
   const at::NoGradGuard no_grad;
   if (bytes != 0) {
-    if (tensor.is_contiguous() && !tensor.is_conj() && !tensor.is_neg()) {
-      write_contiguous(tensor);
-    } else {
-      write_strided(tensor);
-    }
+    failing_for_good([&] {
+      if (tensor.is_contiguous() && !tensor.is_conj() && !tensor.is_neg()) {
+        write_contiguous(tensor);
+      } else {
+        write_strided(tensor);
+      }
+    });
   }
   data_size_ += bytes;
   header_.append(std::move(entry));
@@ -223,13 +254,19 @@ void TensorWriter::finish_file() {
 }
 
 void TensorWriter::close_and_rename(const std::string& destination, bool sync) {
-  finish_file();
-  sink_.close_and_rename(destination, sync);
+  check_usable("finish the file");
+  failing_for_good([&] {
+    finish_file();
+    sink_.close_and_rename(destination, sync);
+  });
 }
 
 void TensorWriter::close_and_keep(bool sync) {
-  finish_file();
-  sink_.close_and_keep(sync);
+  check_usable("finish the file");
+  failing_for_good([&] {
+    finish_file();
+    sink_.close_and_keep(sync);
+  });
 }
 
 }  // namespace trinity_stream_saver

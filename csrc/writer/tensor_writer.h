@@ -40,7 +40,13 @@ class TensorWriter final {
                std::function<void()> between_chunks = {});
 
   // Checks `tensor` and appends its bytes in C order straight from its
-  // memory. Throws ValueError naming the tensor if it cannot be saved.
+  // memory. Throws ValueError naming the tensor if it cannot be saved; such
+  // a tensor leaves the file as it was.
+  //
+  // Once writing a tensor's bytes (or closing the file) has failed, the
+  // file may hold part of a tensor: every later write and close throws
+  // ValueError saying what failed, so that a caller who carries on never
+  // gets a corrupt file.
   void write(const std::string& name, const at::Tensor& tensor);
 
   // Replaces the callback between chunks (a background thread that writes
@@ -57,6 +63,12 @@ class TensorWriter final {
   std::uint64_t reserved_header_size() const noexcept { return reserved_; }
 
  private:
+  // Throws ValueError if an earlier call left the file incomplete.
+  void check_usable(const std::string& what) const;
+  // Runs `step`, which changes the file; if it throws, the writer refuses
+  // every later call.
+  template <typename Step>
+  void failing_for_good(Step&& step);
   Dtype check_tensor(const std::string& name, const at::Tensor& tensor) const;
   void write_contiguous(const at::Tensor& tensor);
   void write_strided(const at::Tensor& view);
@@ -71,6 +83,8 @@ class TensorWriter final {
   std::uint64_t data_size_ = 0;
   at::Tensor staging_;  // reused between non-contiguous tensors
   std::function<void()> between_chunks_;
+  // Why this writer refuses further calls: set by the first that failed.
+  std::optional<std::string> failure_;
 };
 
 }  // namespace trinity_stream_saver

@@ -60,18 +60,30 @@ using TensorSource = std::function<std::optional<std::pair<std::string, at::Tens
 // (with options.overlap, see above). Returns `filepath`, or the temporary
 // file's path with options.rename == false.
 //
-// Throws TypeError/ValueError for bad input (naming the tensor), OsError
-// for a failed system call (with errno and the path), and rethrows what
-// `next` or options.poll throw. On any error the temporary file is removed
-// and a file at `filepath` is left untouched.
+// The temporary file is never written through a symbolic link, and a
+// second save to the same `filepath` while this one runs fails at once
+// with OsError (EBUSY); a stale temporary file that no running save holds
+// is replaced. A symbolic link at `filepath` is itself replaced (as
+// os.replace does); a directory, device node, FIFO or socket there is
+// refused (OsError EISDIR / EEXIST) before anything is written.
+//
+// Throws TypeError/ValueError for bad input (naming the tensor; a
+// `filepath` that is empty or ends with '/'), OsError for a failed system
+// call (with errno and the path), and rethrows what `next` or options.poll
+// throw. On any error the temporary file is removed and a file at
+// `filepath` is left untouched.
 std::string save_safetensors_streaming(const TensorSource& next, const std::string& filepath,
                                        const std::vector<TensorMeta>& state_dict_meta,
                                        const SaveOptions& options = {});
 
-// Finishes a save made with rename == false: with `fsync`, puts the
-// temporary file's data on disk, renames it to `filepath`, and syncs the
-// directory. Returns `filepath`. If the rename cannot happen, the
-// temporary file stays where it is.
+// Finishes a save made with rename == false: checks that `tmp_path` is a
+// complete safetensors file that no save is writing, with `fsync` puts its
+// data on disk, renames it to `filepath`, and syncs the directory. Returns
+// `filepath`. Throws ValueError naming `tmp_path` and what is wrong with it
+// (a file cut short, a header that does not cover the data, ...), OsError
+// otherwise (EBUSY while a save writes it, ELOOP for a symbolic link). If
+// the rename does not happen, the temporary file stays where it is and
+// `filepath` is untouched.
 std::string finalize(const std::string& tmp_path, const std::string& filepath, bool fsync = true);
 
 // The state_dict_meta row of a tensor. Throws ValueError if safetensors

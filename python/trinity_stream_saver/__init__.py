@@ -100,6 +100,20 @@ def _path(argument: str, value: object) -> str:
     return path
 
 
+def _file_path(argument: str, value: object) -> str:
+    """A path that must name a file: "dir/" would put the temporary file at
+    "dir/.tmp", and "" at ".tmp" in the working directory."""
+    path = _path(argument, value)
+    if not path:
+        raise ValueError(f"{argument} is empty; give a file name.")
+    if path.endswith(os.sep) or (os.altsep is not None and path.endswith(os.altsep)):
+        raise ValueError(
+            f"{argument} {path!r} ends with a path separator, so it names a directory; "
+            f"give a file name inside it (e.g. {path + 'model.safetensors'!r})."
+        )
+    return path
+
+
 def _reject_mapping(tensor_iter: object) -> None:
     # Iterating a dict yields its keys, which would fail on the first item
     # with a less helpful message.
@@ -192,11 +206,18 @@ def save_safetensors_streaming(
     Returns:
         ``str(filepath)`` if ``rename`` else the temporary file's path.
 
+    The temporary file is never written through a symbolic link, and a
+    second save to the same ``filepath`` while this one runs fails at once
+    with ``OSError`` (``EBUSY``) instead of mixing the two; a stale
+    temporary file of a killed save is replaced. A symbolic link at
+    ``filepath`` is itself replaced, as ``os.replace`` does; a directory,
+    device, FIFO or socket there is refused before anything is written.
+
     On any error the temporary file is removed and a file already at
     ``filepath`` is left untouched.
     """
     _reject_mapping(tensor_iter)
-    path = _path("filepath", filepath)
+    path = _file_path("filepath", filepath)
     _check_meta(state_dict_meta)
     extra = _normalise_metadata(metadata)
     bar = None
@@ -380,13 +401,18 @@ def save_sharded_streaming(
 def finalize(
     tmp_path: Union[str, os.PathLike], filepath: Union[str, os.PathLike], *, fsync: bool = True
 ) -> str:
-    """Finish a save made with ``rename=False``: with ``fsync``, put the temp
-    file's data on disk, atomically rename it to ``filepath``, and put the
-    rename on disk. Returns ``filepath`` as ``str``. If the rename cannot
-    happen, the temp file stays where it is.
+    """Finish a save made with ``rename=False``: check that the temp file is
+    a complete safetensors file that no save is writing, with ``fsync`` put
+    its data on disk, atomically rename it to ``filepath``, and put the
+    rename on disk. Returns ``filepath`` as ``str``.
+
+    A file that is cut short or otherwise incomplete raises ``ValueError``
+    naming it and what is wrong; one a save is still writing raises
+    ``OSError`` (``EBUSY``). If the rename does not happen, the temp file
+    stays where it is and ``filepath`` is untouched.
     """
     temp = _path("tmp_path", tmp_path)
-    path = _path("filepath", filepath)
+    path = _file_path("filepath", filepath)
     _C.finalize(os.fsencode(temp), os.fsencode(path), bool(fsync))
     return path
 
@@ -398,10 +424,25 @@ def finalize_async(
     the checkpoint is made durable. Returns a Future of the final path;
     errors surface through it. Finalizations run one at a time, in the order
     they were requested, and complete before the interpreter exits.
+
+    Once the interpreter is shutting down (from an ``atexit`` handler, or a
+    thread still running after the main thread returned) no new background
+    work can start: the finalization then runs at once, on the calling
+    thread, and the Future returned is already done.
     """
     temp = _path("tmp_path", tmp_path)
-    path = _path("filepath", filepath)
-    return _finalizer().submit(finalize, temp, path, fsync=fsync)
+    path = _file_path("filepath", filepath)
+    try:
+        return _finalizer().submit(finalize, temp, path, fsync=fsync)
+    except RuntimeError:
+        # "cannot schedule new futures after (interpreter) shutdown": the
+        # promise to finish before exit is kept by finishing now.
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            done.set_result(finalize(temp, path, fsync=fsync))
+        except BaseException as error:  # delivered through the Future, as from the pool
+            done.set_exception(error)
+        return done
 
 
 _finalizer_lock = threading.Lock()

@@ -13,6 +13,7 @@ namespace {
 
 using testing::exists;
 using testing::read_file;
+using testing::safetensors_file;
 using testing::ScratchDir;
 using testing::write_file;
 
@@ -20,9 +21,9 @@ TEST(Finalize, RenamesTheTemporaryFileOverTheDestination) {
   for (const bool sync : {false, true}) {
     ScratchDir dir;
     write_file(dir.file("f"), "old");
-    write_file(dir.file("f.tmp"), "new");
+    write_file(dir.file("f.tmp"), safetensors_file("new"));
     finalize_file(dir.file("f.tmp"), dir.file("f"), sync);
-    EXPECT_EQ(read_file(dir.file("f")), "new");
+    EXPECT_EQ(read_file(dir.file("f")), safetensors_file("new"));
     EXPECT_FALSE(exists(dir.file("f.tmp")));
   }
 }
@@ -40,7 +41,7 @@ TEST(Finalize, MissingTemporaryFileIsAnOsErrorNamingIt) {
 
 TEST(Finalize, FailedRenameLeavesTheTemporaryFileInPlace) {
   ScratchDir dir;
-  write_file(dir.file("f.tmp"), "new");
+  write_file(dir.file("f.tmp"), safetensors_file("new"));
   try {
     finalize_file(dir.file("f.tmp"), dir.file("missing/f"), /*sync=*/true);
     FAIL() << "expected OsError";
@@ -48,7 +49,7 @@ TEST(Finalize, FailedRenameLeavesTheTemporaryFileInPlace) {
     EXPECT_EQ(error.error_number(), ENOENT);
     EXPECT_EQ(error.path(), dir.file("missing/f"));
   }
-  EXPECT_EQ(read_file(dir.file("f.tmp")), "new");
+  EXPECT_EQ(read_file(dir.file("f.tmp")), safetensors_file("new"));
 }
 
 TEST(SyncParentDirectory, AcceptsPathsWithAndWithoutADirectory) {

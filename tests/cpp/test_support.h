@@ -1,4 +1,5 @@
-// Helpers shared by the C++ tests: a scratch directory and file reading.
+// Helpers shared by the C++ tests: a scratch directory, file reading and
+// writing, small safetensors files.
 #pragma once
 
 #include <filesystem>
@@ -7,7 +8,9 @@
 #include <stdexcept>
 #include <string>
 
+#include <linux/magic.h>
 #include <stdlib.h>
+#include <sys/statfs.h>
 
 namespace trinity_stream_saver::testing {
 
@@ -28,6 +31,7 @@ class ScratchDir final {
   ScratchDir& operator=(const ScratchDir&) = delete;
 
   std::string file(const std::string& name) const { return (path_ / name).string(); }
+  std::string path() const { return path_.string(); }
 
  private:
   std::filesystem::path path_;
@@ -46,5 +50,24 @@ inline void write_file(const std::string& path, const std::string& content) {
 }
 
 inline bool exists(const std::string& path) { return std::filesystem::exists(path); }
+
+// Whether `path` is on a filesystem that lives in memory (tmpfs, ramfs),
+// where the sink checks free space instead of preallocating: TMPDIR may
+// point at one (e.g. /dev/shm).
+inline bool in_memory_filesystem(const std::string& path) {
+  struct statfs filesystem {};
+  return ::statfs(path.c_str(), &filesystem) == 0 &&
+         (filesystem.f_type == TMPFS_MAGIC || filesystem.f_type == RAMFS_MAGIC);
+}
+
+// A complete safetensors file holding `data` as one U8 tensor named "x".
+inline std::string safetensors_file(const std::string& data) {
+  std::string json = R"({"x":{"dtype":"U8","shape":[)" + std::to_string(data.size()) +
+                     R"(],"data_offsets":[0,)" + std::to_string(data.size()) + "]}}";
+  json.resize((json.size() + 7) / 8 * 8, ' ');
+  std::string file(8, '\0');
+  for (int i = 0; i < 8; ++i) file[i] = static_cast<char>((json.size() >> (8 * i)) & 0xff);
+  return file + json + data;
+}
 
 }  // namespace trinity_stream_saver::testing
