@@ -117,6 +117,7 @@ def test_every_command_has_help(command):
         ["unpack", "x"],
         ["convert", "only-source"],
         ["convert", "a", "b", "--dtype", "int3"],
+        ["convert", "a", "b", "--max-shard-size", "5 parsecs"],
         ["inspect"],
         ["inspect", "x", "--yaml"],
         ["verify", "x", "--against"],

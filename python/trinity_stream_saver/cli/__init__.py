@@ -13,6 +13,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from .. import _parse_size
+from .checkpoint import CheckpointError
+
 PROG = "trinity-stream-saver"
 
 _DESCRIPTION = """\
@@ -51,6 +54,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     convert.add_argument(
         "--max-shard-size",
         default="5GB",
+        type=_shard_size,
         metavar="SIZE",
         help='largest shard, as the hub writes it: "5GB" (10^9 bytes), "500MiB", or bytes (default: 5GB)',
     )
@@ -98,9 +102,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     arguments = build_parser(prog).parse_args(argv)
-    # Imported here so that --help and usage errors need no torch import.
-    from .checkpoint import CheckpointError
-
     try:
         if arguments.command == "convert":
             from .convert import convert
@@ -108,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
             convert(
                 arguments.source,
                 arguments.destination,
-                max_shard_size=_shard_size(arguments.max_shard_size),
+                max_shard_size=arguments.max_shard_size,
                 dtype=arguments.dtype,
                 fsync=arguments.fsync,
                 progress=not arguments.no_progress,
@@ -134,7 +135,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
         return 130
 
 
-def _shard_size(text: str):
-    # A bare number is a byte count; anything else is parsed by the saver,
-    # which reads sizes as the hub does.
-    return int(text) if text.isdigit() else text
+def _shard_size(text: str) -> int:
+    """Bytes, read as the saver reads max_shard_size (as the hub does), so
+    that a bad size is a usage error before anything is read."""
+    try:
+        return _parse_size(int(text) if text.isdigit() else text)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

@@ -4,6 +4,7 @@ safetensors checkpoint with its index, one tensor in memory."""
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .. import finalize, save_sharded_streaming
+from .. import save_sharded_streaming
 from .._extension import _C
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
@@ -111,12 +112,23 @@ def _cast_item(item: tuple[str, torch.Tensor], dtype: torch.dtype) -> tuple[str,
 
 
 def _copy_side_files(checkpoint: Checkpoint, folder: Path, *, fsync: bool) -> None:
+    # Each file is copied under a temporary name and renamed, so that an
+    # interrupted copy never leaves a half config; with fsync, as for the
+    # shards, the data is on disk before the rename and the renames after.
     for path in checkpoint.side_files():
-        destination = folder / path.name
         temporary = folder / (path.name + ".tmp")
-        shutil.copyfile(path, temporary)
-        # The same finishing step as a save: data synced, rename, directory synced.
-        finalize(temporary, destination, fsync=fsync)
+        with open(path, "rb") as source, open(temporary, "wb") as copy:
+            shutil.copyfileobj(source, copy)
+            if fsync:
+                copy.flush()
+                os.fsync(copy.fileno())
+        os.replace(temporary, folder / path.name)
+    if fsync:
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def _report(checkpoint: Checkpoint, entries, written: str) -> None:

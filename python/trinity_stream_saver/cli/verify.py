@@ -75,7 +75,9 @@ def check(path: Path, report: Report) -> Optional[dict[Path, dict[str, dict]]]:
     for file in layout.files:
         if not file.exists():
             named = [n for n, f in (weight_map or {}).items() if layout.folder / f == file]
-            report.problem(file, f"missing: the index names it for {len(named)} tensors (e.g. {named[0]!r}).")
+            report.problem(
+                file, f"missing, but the index places {len(named)} tensors in it (e.g. {named[0]!r})."
+            )
             continue
         try:
             _C.check_file(bytes(file))
