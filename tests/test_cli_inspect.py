@@ -5,6 +5,7 @@ the command line's usage errors."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -127,4 +128,14 @@ def test_bad_arguments_get_a_usage_error(arguments):
     result = run_cli(*arguments)
     assert result.returncode == 2
     assert "usage:" in result.stderr and "error:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_inspect_of_a_damaged_file_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    save_file({"w": torch.zeros(64)}, path)
+    os.truncate(path, path.stat().st_size - 1)
+    result = run_cli("inspect", path)
+    assert result.returncode == 1
+    assert str(path) in result.stderr and "cut short" in result.stderr
     assert "Traceback" not in result.stderr

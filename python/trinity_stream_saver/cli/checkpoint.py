@@ -276,26 +276,13 @@ class SafetensorsHeader:
 
 
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
-    """The JSON header of a safetensors file (8-byte length, then JSON).
-
-    Only the header's shape is relied on here; whether it describes a valid
-    file is what ``verify`` checks.
-    """
-    try:
-        with open(path, "rb") as file:
-            prefix = file.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: shorter than the 8-byte header length.")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > os.fstat(file.fileno()).st_size - 8:
-                raise CheckpointError(f"{path}: header length {length} is beyond the end of the file.")
-            header = json.loads(file.read(length))
-    except (ValueError, UnicodeDecodeError) as error:
-        if isinstance(error, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: header is not valid JSON ({error}).") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object.")
+    """The header of a complete safetensors file. Anything else gets a
+    ValueError naming the file and what is wrong, from the format layer's
+    check (header length and JSON, dtypes, byte lengths, offsets, file size)."""
+    _C.check_file(os.fsencode(path))
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
     metadata = header.pop("__metadata__", None)
     return SafetensorsHeader(header, metadata)
 
@@ -316,8 +303,18 @@ def _safetensors_entries(path: Path) -> list[Entry]:
 
 
 def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt", device="cpu") as file:
+    with safe_open_file(path) as file:
         for name in file.offset_keys():
             yield name, file.get_tensor(name)
+
+
+def safe_open_file(path: Path):
+    """``safetensors.safe_open(path)`` for torch tensors on the CPU."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise CheckpointError(
+            f"{path}: reading safetensors files needs the safetensors package; "
+            f"pip install safetensors (or trinity_stream_saver[cli])."
+        ) from None
+    return safe_open(path, framework="pt", device="cpu")
