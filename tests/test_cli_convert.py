@@ -120,7 +120,9 @@ def test_dtype_casts_floating_tensors_and_keeps_the_others(tmp_path):
         "mask": torch.ones(8, dtype=torch.bool),
     }
     torch.save(tensors, source)
-    assert run_cli("convert", source, tmp_path / "out", "--dtype", "bf16").returncode == 0
+    result = run_cli("convert", source, tmp_path / "out", "--dtype", "bf16")
+    assert result.returncode == 0, result.stderr
+    assert "(200 bytes)" in result.stdout  # 64 BF16 + 8 int64 + 8 bool
     stored = stored_tensors(tmp_path / "out")
     assert stored["weight"].dtype == torch.bfloat16
     torch.testing.assert_close(stored["weight"], tensors["weight"].bfloat16(), rtol=0, atol=0)

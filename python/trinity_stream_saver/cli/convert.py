@@ -28,8 +28,8 @@ DTYPES = {
 
 # Only these are cast by --dtype, as `model.to(dtype)` casts floating
 # parameters: integer buffers, booleans and already-quantized float8/float4
-# weights keep their dtype.
-_CASTABLE = ("F16", "BF16", "F32", "F64")
+# weights keep their dtype. Values: bytes per element.
+_CASTABLE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 
 def convert(
@@ -61,6 +61,10 @@ def convert(
     meta = [
         (entry.name, _target_dtype(entry.dtype, target), entry.shape) for entry in entries
     ]
+    total = sum(
+        entry.nbytes // _CASTABLE[entry.dtype] * _CASTABLE[dtype] if dtype != entry.dtype else entry.nbytes
+        for entry, (_, dtype, _) in zip(entries, meta)
+    )
 
     tensors = checkpoint.tensors()
     if target is not None:
@@ -79,7 +83,7 @@ def convert(
     # The side files come after the weights, so that a failed conversion
     # leaves nothing new in the destination.
     _copy_side_files(checkpoint, folder, fsync=fsync)
-    _report(checkpoint, entries, written)
+    _report(checkpoint, len(entries), total, written)
     return written
 
 
@@ -131,9 +135,8 @@ def _copy_side_files(checkpoint: Checkpoint, folder: Path, *, fsync: bool) -> No
             os.close(descriptor)
 
 
-def _report(checkpoint: Checkpoint, entries, written: str) -> None:
-    total = sum(entry.nbytes for entry in entries)
-    print(f"Converted {len(entries)} tensors ({total:,} bytes) from {checkpoint.path} into {written}.")
+def _report(checkpoint: Checkpoint, tensors: int, total: int, written: str) -> None:
+    print(f"Converted {tensors} tensors ({total:,} bytes) from {checkpoint.path} into {written}.")
     if checkpoint.aliases:
         shared = ", ".join(f"{alias} (= {kept})" for alias, kept in checkpoint.aliases.items())
         print(f"Written once, as they share storage: {shared}.")
