@@ -1,0 +1,320 @@
+"""Reading checkpoints as the command line finds them: a torch.save file, a
+safetensors file, or a folder of either (single file or sharded with an
+index), one tensor at a time.
+
+Tensors are never all in memory: torch.save files are opened with
+``torch.load(mmap=True, weights_only=True)``, so a tensor's bytes are pages
+of the file that the kernel reads on demand and may drop again, and
+safetensors files through ``safe_open``, which reads one tensor per call.
+Listing a checkpoint (names, dtypes, shapes) reads only its headers or
+pickles, never its data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .._extension import _C
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+# What a folder holds, in the order it is looked for: safetensors first,
+# since it needs no unpickling and is what a folder holding both is read as.
+_FOLDER_LAYOUTS = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+# Files of a source folder that are weights (of any framework) or their
+# indexes: they are not carried over to a converted checkpoint, everything
+# else at the top level (config, generation config, tokenizer, chat
+# template, custom code, README) is.
+_WEIGHT_SUFFIXES = TORCH_SUFFIXES + (
+    SAFETENSORS_SUFFIX,
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".pkl",
+    ".npz",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, with the path and what to do."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a checkpoint, as listed before any data is read."""
+
+    name: str
+    dtype: str  # the safetensors name ("BF16"), or torch's for dtypes it cannot store
+    shape: tuple[int, ...]
+    nbytes: int
+    file: Path
+
+    @property
+    def parameters(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Checkpoint:
+    """The weight files of a checkpoint, in reading order, and where it lies."""
+
+    path: Path  # as given
+    kind: str  # "torch" or "safetensors"
+    files: list[Path]
+    folder: Optional[Path] = None  # set when the checkpoint was given as a folder or index
+    index_metadata: Optional[dict] = None
+    #: names left out because they alias a tensor written under another name:
+    #: dropped name -> kept name (filled by entries())
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def entries(self) -> list[Entry]:
+        """Every tensor to write, in reading order, aliases left out."""
+        self.aliases = {}
+        found: list[Entry] = []
+        for file in self.files:
+            if self.kind == "safetensors":
+                found.extend(_safetensors_entries(file))
+            else:
+                contents = load_torch_file(file)
+                kept, aliases = split_aliases(contents)
+                self.aliases.update(aliases)
+                found.extend(_torch_entry(name, contents[name], file) for name in kept)
+                del contents
+        return found
+
+    def tensors(self, *, with_aliases: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in the order of entries(), one file open at a time.
+
+        With ``with_aliases``, names that alias an earlier tensor come too
+        (with that same tensor), right after it.
+        """
+        for file in self.files:
+            if self.kind == "safetensors":
+                yield from _safetensors_tensors(file)
+                continue
+            contents = load_torch_file(file)
+            kept, aliases = split_aliases(contents)
+            names = list(contents) if with_aliases else kept
+            del kept, aliases
+            for name in names:
+                # The pair is yielded straight from the mapping so that no
+                # local of this generator holds the tensor once the saver
+                # asks for the next one.
+                yield name, contents[name]
+            del contents
+
+    def side_files(self) -> list[Path]:
+        """The non-weight files at the top of the checkpoint's folder."""
+        if self.folder is None:
+            return []
+        return sorted(
+            path
+            for path in self.folder.iterdir()
+            if path.is_file()
+            and not path.name.startswith(".")
+            and path.suffix not in _WEIGHT_SUFFIXES
+            and not path.name.endswith(".index.json")
+        )
+
+
+def open_checkpoint(path: os.PathLike | str) -> Checkpoint:
+    """The checkpoint at ``path``: a weight file, an index file, or a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder.")
+    if path.is_dir():
+        for layout in _FOLDER_LAYOUTS:
+            if (path / layout).is_file():
+                checkpoint = open_checkpoint(path / layout)
+                checkpoint.path, checkpoint.folder = path, path
+                return checkpoint
+        loose = sorted(path.glob("*" + SAFETENSORS_SUFFIX))
+        if loose:
+            return Checkpoint(path, "safetensors", loose, folder=path)
+        raise CheckpointError(
+            f"{path}: no checkpoint in this folder; expected one of "
+            f"{', '.join(_FOLDER_LAYOUTS)}, or *.safetensors files."
+        )
+    if path.name.endswith(".index.json"):
+        files, metadata = _read_index(path)
+        kind = "safetensors" if all(f.suffix == SAFETENSORS_SUFFIX for f in files) else "torch"
+        return Checkpoint(path, kind, files, folder=path.parent, index_metadata=metadata)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return Checkpoint(path, "safetensors", [path])
+    if path.suffix in TORCH_SUFFIXES:
+        return Checkpoint(path, "torch", [path])
+    raise CheckpointError(
+        f"{path}: not a checkpoint file; expected a .safetensors, "
+        f"{', '.join(TORCH_SUFFIXES)} or *.index.json file, or a folder."
+    )
+
+
+def _read_index(path: Path) -> tuple[list[Path], Optional[dict]]:
+    try:
+        index = json.loads(path.read_bytes())
+        weight_map = index["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(
+            f"{path}: not a checkpoint index (a JSON object with a \"weight_map\" "
+            f"of tensor name to file name): {error}"
+        ) from None
+    for name in files:
+        if not (path.parent / name).is_file():
+            raise CheckpointError(f"{path}: names the file {name}, which does not exist.")
+    return [path.parent / name for name in files], index.get("metadata")
+
+
+# --------------------------------------------------------------------------
+# torch.save files
+# --------------------------------------------------------------------------
+
+
+def load_torch_file(path: Path) -> Mapping[str, torch.Tensor]:
+    """A torch.save state dict, memory-mapped, as safely as torch can load it."""
+    try:
+        contents = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = next(
+            (line.strip() for line in str(error).splitlines() if "WeightsUnpickler error" in line),
+            str(error).splitlines()[0] if str(error) else type(error).__name__,
+        )
+        raise CheckpointError(
+            f"{path}: torch.load(weights_only=True) refused to unpickle it ({reason}). "
+            f"The file holds Python objects besides tensors, and loading it with "
+            f"weights_only=False would run any code they carry. If you trust the file, "
+            f"re-save its state dict alone: torch.save(torch.load(path, weights_only=False)"
+            f"[...state dict...], new_path), then convert new_path."
+        ) from None
+    except RuntimeError as error:
+        if "mmap can only be used" not in str(error):
+            raise CheckpointError(f"{path}: torch.load failed: {error}") from None
+        raise CheckpointError(
+            f"{path}: not a zip-format torch.save file (torch's pre-1.6 format, or not a "
+            f"torch checkpoint at all), so it cannot be memory-mapped. Re-save it with "
+            f"torch.save(torch.load(path, weights_only=True), new_path) and convert new_path."
+        ) from None
+    if not isinstance(contents, Mapping):
+        raise CheckpointError(
+            f"{path}: holds a {type(contents).__name__}, not a state dict (a dict of "
+            f"tensor name to tensor)."
+        )
+    for name, value in contents.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor; a "
+                f"state dict maps str names to tensors. Save model.state_dict() (or the "
+                f"entry that holds it) on its own."
+            )
+    return contents
+
+
+def split_aliases(contents: Mapping[str, torch.Tensor]) -> tuple[list[str], dict[str, str]]:
+    """Names to write, in order, and the names left out as aliases.
+
+    Tensors that are the same view of the same storage (tied embeddings, as
+    torch.save keeps them) are written once, under the first name, as
+    transformers' save_pretrained and accelerate drop all but one name of
+    each identical group. Different views of one storage (slices of a fused
+    matrix) are different tensors and are each written.
+    """
+    first: dict[tuple, str] = {}
+    kept: list[str] = []
+    aliases: dict[str, str] = {}
+    for name, tensor in contents.items():
+        view = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.data_ptr(),
+            tensor.dtype,
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+        )
+        # Empty tensors own no bytes to share, whatever their pointers say.
+        if tensor.numel() > 0 and view in first:
+            aliases[name] = first[view]
+        else:
+            first.setdefault(view, name)
+            kept.append(name)
+    return kept, aliases
+
+
+def _torch_entry(name: str, tensor: torch.Tensor, file: Path) -> Entry:
+    dtype = _C.safetensors_dtype(tensor.dtype) or str(tensor.dtype).removeprefix("torch.")
+    return Entry(name, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), file)
+
+
+# --------------------------------------------------------------------------
+# safetensors files
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The parsed header of a safetensors file."""
+
+    tensors: dict[str, dict]  # name -> {"dtype", "shape", "data_offsets"}, in file order
+    metadata: Optional[dict]
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """The header of a complete safetensors file. Anything else gets a
+    ValueError naming the file and what is wrong, from the format layer's
+    check (header length and JSON, dtypes, byte lengths, offsets, file size)."""
+    _C.check_file(os.fsencode(path))
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    metadata = header.pop("__metadata__", None)
+    return SafetensorsHeader(header, metadata)
+
+
+def _safetensors_entries(path: Path) -> list[Entry]:
+    header = read_safetensors_header(path)
+    ordered = sorted(header.tensors.items(), key=lambda item: tuple(item[1]["data_offsets"]))
+    return [
+        Entry(
+            name,
+            info["dtype"],
+            tuple(info["shape"]),
+            info["data_offsets"][1] - info["data_offsets"][0],
+            path,
+        )
+        for name, info in ordered
+    ]
+
+
+def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    with safe_open_file(path) as file:
+        for name in file.offset_keys():
+            yield name, file.get_tensor(name)
+
+
+def safe_open_file(path: Path):
+    """``safetensors.safe_open(path)`` for torch tensors on the CPU."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise CheckpointError(
+            f"{path}: reading safetensors files needs the safetensors package; "
+            f"pip install safetensors (or trinity_stream_saver[cli])."
+        ) from None
+    return safe_open(path, framework="pt", device="cpu")

@@ -1,0 +1,146 @@
+"""``convert``: any checkpoint the command line reads, streamed into a sharded
+safetensors checkpoint with its index, one tensor in memory."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import save_sharded_streaming
+from .._extension import _C
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+
+#: --dtype spellings -> (safetensors name, torch dtype)
+DTYPES = {
+    "bf16": ("BF16", torch.bfloat16),
+    "bfloat16": ("BF16", torch.bfloat16),
+    "fp16": ("F16", torch.float16),
+    "float16": ("F16", torch.float16),
+    "fp32": ("F32", torch.float32),
+    "float32": ("F32", torch.float32),
+}
+
+# Only these are cast by --dtype, as `model.to(dtype)` casts floating
+# parameters: integer buffers, booleans and already-quantized float8/float4
+# weights keep their dtype. Values: bytes per element.
+_CASTABLE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+def convert(
+    source: str,
+    destination: str,
+    *,
+    max_shard_size: str = "5GB",
+    dtype: Optional[str] = None,
+    fsync: bool = False,
+    progress: bool = True,
+) -> str:
+    """Converts ``source`` into the folder ``destination``; returns the path
+    of the index (or of the single file). A failed conversion leaves the
+    destination as it was."""
+    checkpoint = open_checkpoint(source)
+    folder = Path(destination)
+    _refuse_overlap(checkpoint, folder)
+    target = DTYPES[dtype] if dtype is not None else None
+
+    entries = checkpoint.entries()
+    storable = set(_C.supported_dtypes())
+    unstorable = [entry for entry in entries if entry.dtype not in storable]
+    if unstorable:
+        entry = unstorable[0]
+        raise CheckpointError(
+            f"{entry.file}: tensor {entry.name!r} has dtype {entry.dtype}, which safetensors "
+            f"cannot store ({len(unstorable)} such tensors)."
+        )
+    meta = [
+        (entry.name, _target_dtype(entry.dtype, target), entry.shape) for entry in entries
+    ]
+    total = sum(
+        entry.nbytes // _CASTABLE[entry.dtype] * _CASTABLE[dtype] if dtype != entry.dtype else entry.nbytes
+        for entry, (_, dtype, _) in zip(entries, meta)
+    )
+
+    tensors = checkpoint.tensors()
+    if target is not None:
+        tensors = _cast(tensors, target[1])
+
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        written = save_sharded_streaming(
+            tensors, folder, meta, max_shard_size=max_shard_size, fsync=fsync, progress=progress
+        )
+    except BaseException:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    # The side files come after the weights, so that a failed conversion
+    # leaves nothing new in the destination.
+    _copy_side_files(checkpoint, folder, fsync=fsync)
+    _report(checkpoint, len(entries), total, written)
+    return written
+
+
+def _refuse_overlap(checkpoint: Checkpoint, folder: Path) -> None:
+    # Writing into the source folder would let the saver's clean-up of stale
+    # shards delete the very files being converted.
+    if not folder.exists():
+        return
+    if any(file.resolve().parent == folder.resolve() for file in checkpoint.files):
+        raise CheckpointError(
+            f"{folder}: is the folder of the source checkpoint; convert into another folder."
+        )
+
+
+def _target_dtype(dtype: str, target) -> str:
+    return target[0] if target is not None and dtype in _CASTABLE else dtype
+
+
+def _cast(tensors, dtype: torch.dtype):
+    # map() keeps no reference to an item once it has handed it on, so the
+    # source tensor and its cast are released before the next is read.
+    return map(functools.partial(_cast_item, dtype=dtype), tensors)
+
+
+def _cast_item(item: tuple[str, torch.Tensor], dtype: torch.dtype) -> tuple[str, torch.Tensor]:
+    name, tensor = item
+    if _C.safetensors_dtype(tensor.dtype) in _CASTABLE:
+        return name, tensor.to(dtype)
+    return item
+
+
+def _copy_side_files(checkpoint: Checkpoint, folder: Path, *, fsync: bool) -> None:
+    # Each file is copied under a temporary name and renamed, so that an
+    # interrupted copy never leaves a half config; with fsync, as for the
+    # shards, the data is on disk before the rename and the renames after.
+    for path in checkpoint.side_files():
+        temporary = folder / (path.name + ".tmp")
+        with open(path, "rb") as source, open(temporary, "wb") as copy:
+            shutil.copyfileobj(source, copy)
+            if fsync:
+                copy.flush()
+                os.fsync(copy.fileno())
+        os.replace(temporary, folder / path.name)
+    if fsync:
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _report(checkpoint: Checkpoint, tensors: int, total: int, written: str) -> None:
+    print(f"Converted {tensors} tensors ({total:,} bytes) from {checkpoint.path} into {written}.")
+    if checkpoint.aliases:
+        shared = ", ".join(f"{alias} (= {kept})" for alias, kept in checkpoint.aliases.items())
+        print(f"Written once, as they share storage: {shared}.")
+    copied = [path.name for path in checkpoint.side_files()]
+    if copied:
+        print(f"Copied: {', '.join(copied)}.")
+    sys.stdout.flush()

@@ -1,0 +1,139 @@
+"""Helpers for the command-line tests: running the CLI as a user does, a
+tiny transformers model built from a config (no download), the source
+layouts `convert` reads, and raw safetensors files for corrupting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import child_env
+
+CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+)
+
+# Files a model folder carries besides its weights; the CLI must copy them.
+SIDE_FILES = {
+    "tokenizer.json": b'{"version": "1.0", "model": {"type": "BPE"}}\n',
+    "tokenizer_config.json": b'{"model_max_length": 128}\n',
+    "special_tokens_map.json": b'{"bos_token": "<s>"}\n',
+    "tokenizer.model": b"\x00sentencepiece model bytes\xff",
+}
+
+
+def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`python -m trinity_stream_saver ARGS` in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "trinity_stream_saver", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+    )
+
+
+def tiny_model(tied: bool = False, seed: int = 0):
+    """A 2-layer Llama built from a config, with random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**CONFIG, tie_word_embeddings=tied)
+    return LlamaForCausalLM(config).eval()
+
+
+def logits(model) -> torch.Tensor:
+    tokens = torch.arange(16).reshape(2, 8) * 7 % CONFIG["vocab_size"]
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def load_logits(folder: Path) -> torch.Tensor:
+    from transformers import LlamaForCausalLM
+
+    return logits(LlamaForCausalLM.from_pretrained(folder).eval())
+
+
+def write_model_folder(model, folder: Path) -> None:
+    """config.json, generation_config.json and tokenizer files, no weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    for name, content in SIDE_FILES.items():
+        (folder / name).write_bytes(content)
+
+
+def make_source(layout: str, model, root: Path) -> Path:
+    """Writes `model` in one of the layouts `convert` reads; returns SRC."""
+    folder = root / layout
+    state_dict = model.state_dict()
+    if layout in ("bin_file", "pt_file", "pth_file"):
+        folder.mkdir(parents=True)
+        source = folder / ("model." + layout.split("_")[0])
+        torch.save(state_dict, source)
+        return source
+    write_model_folder(model, folder)
+    if layout == "bin_folder":
+        torch.save(state_dict, folder / "pytorch_model.bin")
+    elif layout == "sharded_bin_folder":
+        _save_sharded_bin(state_dict, folder, shards=3)
+    elif layout == "safetensors_file":
+        model.save_pretrained(folder)
+        return folder / "model.safetensors"
+    elif layout == "safetensors_folder":
+        model.save_pretrained(folder, max_shard_size="200KB")
+        assert (folder / "model.safetensors.index.json").exists()
+    else:
+        raise AssertionError(f"unknown layout {layout}")
+    return folder
+
+
+def _save_sharded_bin(state_dict, folder: Path, shards: int) -> None:
+    """pytorch_model-0000k-of-0000n.bin files and pytorch_model.bin.index.json,
+    as transformers 4 wrote them."""
+    names = list(state_dict)
+    weight_map = {}
+    size = 0
+    for k in range(shards):
+        part = names[k::shards]
+        file = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        torch.save({name: state_dict[name].clone() for name in part}, folder / file)
+        for name in part:
+            weight_map[name] = file
+            size += state_dict[name].numel() * state_dict[name].element_size()
+    index = {"metadata": {"total_size": size}, "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+
+
+# --------------------------------------------------------------------------
+# raw safetensors files
+# --------------------------------------------------------------------------
+
+
+def read_raw(path: Path) -> tuple[dict, bytes]:
+    """(header dict with __metadata__, data bytes) of a safetensors file."""
+    blob = path.read_bytes()
+    (length,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8 : 8 + length]), blob[8 + length :]
+
+
+def write_raw(path: Path, header: dict, data: bytes) -> None:
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def copy_tree(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    return destination
