@@ -52,21 +52,22 @@ def test_tensors_copied_from_the_gpu_as_requested_are_saved_bit_exact(tmp_path, 
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["in_turn", "overlap"])
-def test_non_blocking_copies_into_two_reused_pinned_buffers_are_saved_bit_exact(tmp_path, overlap):
+def test_non_blocking_copies_into_a_ring_of_reused_pinned_buffers_are_saved_bit_exact(tmp_path, overlap):
     """The producer of a fast checkpointer: each GPU tensor copied without
-    blocking into one of two pinned buffers, the copy waited for before the
-    tensor is yielded. Reusing a buffer is safe because the saver has
-    finished with tensor k before it asks for tensor k + 2."""
+    blocking into one of a ring of pinned buffers, the copy waited for
+    before the tensor is yielded. The ring follows the saver's contract:
+    R >= 2 + max_queued_bytes // S buffers, 3 with the default queue (the
+    largest tensor), so a buffer is never refilled while the saver holds it."""
     shape = (2048, 2048)
     on_gpu = [make_tensor(torch.bfloat16, shape, seed=seed).cuda() for seed in range(6)]
-    buffers = [torch.empty(shape, dtype=torch.bfloat16, pin_memory=True) for _ in range(2)]
+    buffers = [torch.empty(shape, dtype=torch.bfloat16, pin_memory=True) for _ in range(3)]
     assert buffers[0].is_pinned()
     path = str(tmp_path / "model.safetensors")
 
     def copies():
         stream = torch.cuda.current_stream()
         for index, source in enumerate(on_gpu):
-            buffer = buffers[index % 2]
+            buffer = buffers[index % len(buffers)]
             buffer.copy_(source, non_blocking=True)
             stream.synchronize()
             yield f"w{index}", buffer

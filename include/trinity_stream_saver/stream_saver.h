@@ -84,7 +84,9 @@ using TensorSource = std::function<std::optional<std::pair<std::string, at::Tens
 // `filepath` that is empty or ends with '/'), OsError for a failed system
 // call (with errno and the path), and rethrows what `next` or options.poll
 // throw. On any error the temporary file is removed and a file at
-// `filepath` is left untouched.
+// `filepath` is left untouched, except when only the directory sync after
+// the rename fails (options.fsync): the new file is then in place, and the
+// OsError says so.
 std::string save_safetensors_streaming(const TensorSource& next, const std::string& filepath,
                                        const std::vector<TensorMeta>& state_dict_meta,
                                        const SaveOptions& options = {});

@@ -88,7 +88,9 @@ def save_safetensors_streaming(
     device, FIFO or socket there is refused before anything is written.
 
     On any error the temporary file is removed and a file already at
-    ``filepath`` is left untouched.
+    ``filepath`` is left untouched, except when only the directory sync
+    after the rename fails (``fsync=True``): the new file is then in place,
+    and the error says so.
     """
     _reject_mapping(tensor_iter)
     path = _file_path("filepath", filepath)
