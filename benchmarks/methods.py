@@ -157,6 +157,30 @@ def _torch_save(cfg: dict):
     return lambda items, path, meta: torch.save(dict(items), path)
 
 
+def _shard_bytes(cfg: dict) -> int:
+    return cfg["shard_mb"] * 10**6
+
+
+def _trinity_sharded(cfg: dict):
+    from trinity_stream_saver import save_sharded_streaming
+
+    return lambda items, path, meta: save_sharded_streaming(
+        items, os.path.dirname(path), meta, max_shard_size=_shard_bytes(cfg))
+
+
+def _hub_save_torch_state_dict(cfg: dict):
+    from huggingface_hub import save_torch_state_dict
+
+    return lambda items, path, meta: save_torch_state_dict(
+        dict(items), os.path.dirname(path), max_shard_size=_shard_bytes(cfg))
+
+
+def _save_pretrained(cfg: dict):
+    # The items of a model scenario carry their module (scenarios.ModelItems).
+    return lambda items, path, meta: items.model.save_pretrained(
+        os.path.dirname(path), max_shard_size=_shard_bytes(cfg))
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -168,7 +192,13 @@ class Method:
 METHODS = {m.name: m for m in (
     Method("trinity_stream_saver", "trinity_stream_saver (in turn)", _trinity(False), project=True),
     Method("trinity_overlap", "trinity_stream_saver, overlap=True", _trinity(True), project=True),
+    Method("trinity_sharded", "trinity_stream_saver, save_sharded_streaming", _trinity_sharded,
+           project=True),
     Method("pure_python_saver", "pure-Python seek-back saver (the original)", _pure_python),
+    Method("hub_save_torch_state_dict", "huggingface_hub save_torch_state_dict (whole dict)",
+           _hub_save_torch_state_dict),
+    Method("transformers_save_pretrained", "transformers save_pretrained (whole model)",
+           _save_pretrained),
     Method("safetensors_save_file", "safetensors save_file (whole dict)", _save_file),
     Method("torch_save", "torch.save (whole dict)", _torch_save),
     Method("raw_os_write", "raw os.write, no header",

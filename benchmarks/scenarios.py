@@ -259,6 +259,72 @@ def pinned_copies(cfg: dict, spec: Spec, sources: list) -> Iterator:
         del host
 
 
+class ModelItems:
+    """A module's tensors in state_dict order, and the module itself for
+    methods that save a module rather than a stream (save_pretrained)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __iter__(self) -> Iterator:
+        return iter(self.model.state_dict().items())
+
+
+def hf_llama(cfg: dict, spec: Spec):
+    """A transformers LlamaForCausalLM whose state dict is exactly
+    llama_spec(layers) (untied embeddings), in bf16, each tensor filled
+    with expect_fresh's value: built on the meta device first, so that
+    nothing is initialised twice."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5504,
+                         num_hidden_layers=cfg["layers"], num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=8192, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    state = model.state_dict()
+    got = [(name, tuple(t.shape)) for name, t in state.items()]
+    assert got == [(name, tuple(shape)) for name, shape in spec], "model and spec differ"
+    with torch.no_grad():
+        for index, (name, shape) in enumerate(spec):
+            state[name].fill_(float(index % 7))
+    return model
+
+
+def model_tensors(cfg: dict, spec: Spec, model) -> ModelItems:
+    return ModelItems(model)
+
+
+def verify_checkpoint_folder(path: str, scenario, cfg: dict, spec: Spec) -> None:
+    """The single file at path, or else the sharded checkpoint (or single
+    model.safetensors) in path's folder: every tensor of the spec in the
+    file its index names, with its shape and values."""
+    import json
+    import os
+
+    import torch
+    from safetensors import safe_open
+
+    folder = os.path.dirname(path)
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(path):
+        folder, file = os.path.split(path)
+        weight_map = {name: file for name, _ in spec}
+    elif os.path.exists(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    else:
+        weight_map = {name: "model.safetensors" for name, _ in spec}
+    assert sorted(weight_map) == sorted(name for name, _ in spec), "index and spec differ"
+    for index, (name, shape) in enumerate(spec):
+        with safe_open(os.path.join(folder, weight_map[name]), framework="pt") as f:
+            tensor = f.get_tensor(name)
+        assert tuple(tensor.shape) == tuple(shape), name
+        assert torch.equal(tensor, scenario.expected(cfg, index, shape)), f"{name}: wrong values"
+
+
 # --------------------------------------------------------------------------
 # The registry.
 # --------------------------------------------------------------------------
@@ -465,6 +531,22 @@ SCENARIOS = {s.name: s for s in (
         reference="max(P, W)",
         methods=_PRODUCER_METHODS + ("produce_only",), excluded=PRODUCER_EXCLUDED,
         default=False, needs_cuda=True,
+    ),
+    Scenario(
+        name="sharded",
+        summary=("a transformers Llama model (1 GiB, bf16) saved as a sharded Hugging Face "
+                 "checkpoint, against the single-file save and save_pretrained"),
+        sizes=(Size("layers", 12, "sharded: Llama layers (12: 1.04 GiB)", "sharded-layers"),
+               Size("shard_mb", 200, "sharded: max_shard_size in MB (10^6 bytes)",
+                    "sharded-shard-mb", scaled=False)),
+        spec=_llama, describe=_describe_model("a transformers Llama model"),
+        produce=model_tensors, expected=expect_fresh, prepare=hf_llama,
+        verify=verify_checkpoint_folder,
+        # What sharding costs over one file, written by the same saver.
+        baseline="trinity_stream_saver",
+        methods=("trinity_sharded", "hub_save_torch_state_dict", "transformers_save_pretrained",
+                 "pure_python_saver", "raw_os_write"),
+        excluded=PRODUCER_EXCLUDED,
     ),
     _model_scenario("llama", "Llama-shaped", _LLAMA_SIZES, _llama, 1.0),
     _model_scenario("llama_2x", "Llama-shaped", _LLAMA_SIZES, _llama, 2.0),

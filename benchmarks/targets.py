@@ -32,6 +32,8 @@ TARGETS = (
     Target("large", "trinity_stream_saver", 1.10, 16, why="streaming costs next to nothing"),
     Target("many_small", "trinity_stream_saver", 1.5, why="per-tensor overhead"),
     Target("noncontig", "trinity_stream_saver", 1.6, 64, why="one bounded buffer per tensor"),
+    # Sharding costs little over one file written by the same saver.
+    Target("sharded", "trinity_sharded", 1.10, 16, why="shards and an index cost next to nothing"),
     # overlap=True against the best a two-stage pipeline can do.
     Target("slow_producer", "trinity_overlap", 1.15, why="uniform tensors"),
     Target("gpu_producer", "trinity_overlap", 1.15, why="a real GPU producer"),
