@@ -2,16 +2,15 @@
 # The checks that need the lent GPU machine (the `device` tool), as one
 # script that fits its 15-minute lease:
 #   1. build the extension against that machine's own torch (a CUDA build);
-#   2. the tests that need CUDA (tests/test_cuda.py, the CUDA rejection test)
-#      and the fast suites beside them;
-#   3. issue 3 item 5: an 8 GiB save on 16 cores, and whether splitting one
-#      tensor's write over threads (pwrite at disjoint offsets) beats a
-#      single stream: bench.py's raw_pwrite_xN against raw_os_write;
-#   4. the real slow producers: the Llama-shaped model on the GPU, each
+#   2. the tests that need CUDA (tests/test_cuda.py, the CUDA paths of
+#      tests/test_distributed.py, the CUDA rejection test) and the overlap
+#      and sharded suites beside them;
+#   3. the real slow producer: the Llama-shaped model on the GPU, each
 #      tensor copied into pinned memory with a non-blocking copy
-#      (gpu_llama), and uniform tensors copied with .cpu() (gpu_producer),
-#      overlap=True against in turn;
-#   5. the 8 GiB save again on the machine's disk, if time is left.
+#      (gpu_llama), overlap=True against in turn;
+#   4. the model-shaped overlap scenarios (llama, moe, each as fast and
+#      twice as fast as the writer) on a quiet 16-core machine;
+#   5. an 8 GiB save on 16 cores against raw writing, if time is left.
 # Each stage has its own time limit and the script goes on after a stage
 # fails, so that one run brings back everything it can. Results go to $OUT
 # (at most 8 files come back): device.log, pytest.log, a JSON per benchmark
@@ -71,11 +70,11 @@ fi
 rm -f "$OUT/build.log"
 say "built: $(cd /tmp && "$PY" -c 'import trinity_stream_saver as t; print(t.__file__)')"
 
-# 2. Tests: the CUDA ones, and the fast suites beside them.
+# 2. Tests: the CUDA ones, and the suites beside them.
 XDIST=()
 "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
-(cd "$ROOT/tests" && stage 120 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -rs \
-  test_cuda.py test_bad_input.py test_roundtrip.py test_overlap.py test_dtypes.py \
+(cd "$ROOT/tests" && stage 150 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -rs \
+  test_cuda.py test_distributed.py test_bad_input.py test_overlap.py test_sharded.py \
   > "$OUT/pytest.log" 2>&1)
 tail -15 "$OUT/pytest.log"
 
@@ -85,26 +84,19 @@ mkdir -p "$SHM"
 mount -t tmpfs -o size=40g tmpfs "$SHM" 2>/dev/null || SHM=/dev/shm
 BENCH=("$PY" "$ROOT/benchmarks/bench.py")
 
-# 4a. The Llama-shaped model on the GPU, pinned non-blocking copies (first:
-# the overlap engine's real workload).
+# 3. The Llama-shaped model on the GPU, pinned non-blocking copies.
 stage 150 "${BENCH[@]}" --dir "$SHM" --rounds 3 --scenarios gpu_llama \
   --json "$OUT/gpu_llama.json" --plot "$OUT/gpu_llama.png"
 
-# 3. Issue 3 item 5 in memory: 8 GiB, 64 tensors of 128 MiB.
-stage 210 "${BENCH[@]}" --dir "$SHM" --rounds 3 --scenarios large --large-mib "$MIB" \
-  --large-tensor-mib 128 \
-  --methods trinity_stream_saver,trinity_overlap,raw_os_write,raw_pwrite_x4,raw_pwrite_x16 \
+# 4. The model-shaped overlap scenarios on a quiet machine.
+stage 200 "${BENCH[@]}" --dir "$SHM" --rounds 3 --scenarios llama,llama_2x,moe,moe_2x \
+  --methods trinity_stream_saver,trinity_overlap,raw_os_write,raw_queue_thread \
+  --json "$OUT/models.json" --plot "$OUT/models.png"
+
+# 5. 8 GiB, 64 tensors of 128 MiB, in memory.
+stage 150 "${BENCH[@]}" --dir "$SHM" --rounds 2 --scenarios large --large-mib "$MIB" \
+  --large-tensor-mib 128 --methods trinity_stream_saver,trinity_overlap,raw_os_write \
   --json "$OUT/large_tmpfs.json" --plot /tmp/large_tmpfs.png
-
-# 4b. The real slow producer: 4 GiB on the GPU, each tensor copied with .cpu().
-stage 120 "${BENCH[@]}" --dir "$SHM" --rounds 3 --scenarios gpu_producer --gpu-mib "$((MIB / 2))" \
-  --methods trinity_stream_saver,trinity_overlap,raw_os_write,produce_only \
-  --json "$OUT/gpu_producer.json" --plot "$OUT/gpu_producer.png"
-
-# 5. The 8 GiB save on the disk, single stream against 16 threads.
-stage 200 "${BENCH[@]}" --dir /var/tmp --rounds 2 --scenarios large --large-mib "$MIB" \
-  --large-tensor-mib 128 --methods trinity_stream_saver,raw_os_write,raw_pwrite_x16 \
-  --json "$OUT/large_disk.json" --plot /tmp/large_disk.png
 
 umount "$SHM" 2>/dev/null
 say "done"
