@@ -15,14 +15,6 @@ import torch
 
 from conftest import child_env
 
-CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-)
 
 # Files a model folder carries besides its weights; the CLI must copy them.
 SIDE_FILES = {
@@ -42,27 +34,6 @@ def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
         timeout=timeout,
         env=child_env(),
     )
-
-
-def tiny_model(tied: bool = False, seed: int = 0):
-    """A 2-layer Llama built from a config, with random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(**CONFIG, tie_word_embeddings=tied)
-    return LlamaForCausalLM(config).eval()
-
-
-def logits(model) -> torch.Tensor:
-    tokens = torch.arange(16).reshape(2, 8) * 7 % CONFIG["vocab_size"]
-    with torch.no_grad():
-        return model(tokens).logits
-
-
-def load_logits(folder: Path) -> torch.Tensor:
-    from transformers import LlamaForCausalLM
-
-    return logits(LlamaForCausalLM.from_pretrained(folder).eval())
 
 
 def write_model_folder(model, folder: Path) -> None:

@@ -245,3 +245,37 @@ def free_bytes(directory) -> int:
     """Bytes an unprivileged writer may still allocate in `directory`'s filesystem."""
     stats = os.statvfs(directory)
     return stats.f_bavail * stats.f_frsize
+
+
+# --------------------------------------------------------------------------
+# a tiny transformers model, built from a config (no download)
+# --------------------------------------------------------------------------
+
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+)
+
+
+def tiny_model(tied: bool = False, seed: int = 0):
+    """A 2-layer Llama built from a config, with random weights from `seed`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA, tie_word_embeddings=tied)).eval()
+
+
+def logits(model) -> torch.Tensor:
+    tokens = torch.arange(16).reshape(2, 8) * 7 % TINY_LLAMA["vocab_size"]
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def load_logits(folder) -> torch.Tensor:
+    from transformers import LlamaForCausalLM
+
+    return logits(LlamaForCausalLM.from_pretrained(folder).eval())

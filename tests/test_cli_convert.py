@@ -15,15 +15,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cli_helpers import (
-    SIDE_FILES,
-    load_logits,
-    logits,
-    make_source,
-    run_cli,
-    tiny_model,
-    write_model_folder,
-)
+from cli_helpers import SIDE_FILES, make_source, run_cli, write_model_folder
+from conftest import load_logits, logits, tiny_model
 
 LAYOUTS = [
     "bin_file",

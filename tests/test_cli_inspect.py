@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cli_helpers import make_source, run_cli, tiny_model
+from cli_helpers import make_source, run_cli
+from conftest import tiny_model
 
 
 @pytest.fixture(scope="module")

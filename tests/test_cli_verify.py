@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import copy_tree, make_source, read_raw, run_cli, tiny_model, write_raw
+from cli_helpers import copy_tree, make_source, read_raw, run_cli, write_raw
+from conftest import tiny_model
 
 
 @pytest.fixture(scope="module")

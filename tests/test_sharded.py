@@ -21,7 +21,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from conftest import assert_tensors_identical, child_env, meta_for, read_header
+from conftest import (
+    assert_tensors_identical,
+    child_env,
+    load_logits,
+    logits,
+    meta_for,
+    read_header,
+    tiny_model,
+)
 from trinity_stream_saver import plan_shards, save_sharded_streaming
 
 huggingface_hub = pytest.importorskip("huggingface_hub", reason="the hub is the plan's oracle")
@@ -56,19 +64,6 @@ def old_checkpoint(directory, sizes=(6, 6, 6), max_shard_size=6):
     with open(os.path.join(directory, "model.safetensors.backup"), "wb") as file:
         file.write(b"not a checkpoint file")
     return folder(directory)
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 # --------------------------------------------------------------------------
@@ -146,7 +141,7 @@ def test_bad_max_shard_size_is_rejected_with_a_clear_error(bad):
 
 
 def test_plan_counts_total_parameters_as_transformers_does():
-    model = tiny_llama()
+    model = tiny_model()
     plan = plan_shards(meta_for(model.state_dict().items()), "100KB")
     assert plan.total_parameters == model.num_parameters()
 
@@ -157,7 +152,7 @@ def test_plan_counts_total_parameters_as_transformers_does():
 
 
 def test_sharded_tiny_llama_loads_with_from_pretrained_and_gives_identical_logits(tmp_path):
-    model = tiny_llama()
+    model = tiny_model()
     state_dict = model.state_dict()
     model.config.save_pretrained(tmp_path)
     index = save_sharded_streaming(
@@ -165,14 +160,11 @@ def test_sharded_tiny_llama_loads_with_from_pretrained_and_gives_identical_logit
     )
     assert index == os.path.join(str(tmp_path), INDEX)
     assert len(json.loads(open(index).read())["weight_map"]) == len(state_dict)
-    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
-    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    assert torch.equal(load_logits(tmp_path), logits(model))
 
 
 def test_every_shard_loads_with_safe_open_and_holds_exactly_its_planned_tensors(tmp_path):
-    items = list(tiny_llama().state_dict().items())
+    items = list(tiny_model().state_dict().items())
     save_sharded_streaming(iter(items), tmp_path, meta_for(items), max_shard_size="100KB")
     plan = plan_shards(meta_for(items), "100KB")
     assert plan.is_sharded
@@ -186,7 +178,7 @@ def test_every_shard_loads_with_safe_open_and_holds_exactly_its_planned_tensors(
 
 
 def test_index_is_byte_identical_to_save_pretrained(tmp_path):
-    model = tiny_llama()
+    model = tiny_model()
     model.save_pretrained(tmp_path / "theirs", max_shard_size="100KB")
     items = model.state_dict().items()
     ours = save_sharded_streaming(iter(items), tmp_path / "ours", meta_for(items), max_shard_size="100KB")
