@@ -330,3 +330,46 @@ def run_rank(rank: int, world: int, root: str) -> None:
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
+
+
+# --------------------------------------------------------------------------
+# CUDA (test_distributed_cuda.py): one rank on nccl, the model on the GPU.
+# --------------------------------------------------------------------------
+
+
+def seeded_mlp(device: str = "cpu") -> torch.nn.Module:
+    """Linear layers of uneven sizes, the same weights in every process."""
+    torch.manual_seed(0)
+    sizes = [96, 512, 40, 1024, 8]
+    layers = [torch.nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])]
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def run_cuda_rank(rank: int, world: int, root: str) -> None:
+    """FSDP2 over the GPU: fully_shard per layer and at the root, saved
+    with a cast to bfloat16; reports as run_rank does."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{root}/rendezvous", rank=rank,
+                            world_size=world, timeout=TIMEOUT)
+    mesh = init_device_mesh("cuda", (world,))
+    model = seeded_mlp("cuda")
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    results = {}
+    try:
+        record = {}
+        save(record, model, os.path.join(root, "cuda_fsdp"), max_shard_size="100KB",
+             dtype=torch.bfloat16)
+        results["cuda_fsdp"] = record
+    except Exception:
+        results["cuda_fsdp"] = {"crashed": traceback.format_exc()}
+    with open(os.path.join(root, f"rank{rank}.json"), "w") as file:
+        json.dump(results, file)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
