@@ -15,11 +15,13 @@ from ._meta import (
     _compute_exact_header_size,  # noqa: F401  (the original module's name)
     collect_state_dict_meta,
 )
+from .distributed import DistributedSaveError, save_model_streaming
 from ._sharded import ShardPlan, plan_shards, save_sharded_streaming
 from ._single_file import finalize, finalize_async, save_safetensors_streaming
 
 __all__ = [
     "DTYPE_TO_SAFETENSORS",
+    "DistributedSaveError",
     "TensorMeta",
     "StateDictMeta",
     "ShardPlan",
@@ -28,5 +30,6 @@ __all__ = [
     "finalize_async",
     "plan_shards",
     "save_safetensors_streaming",
+    "save_model_streaming",
     "save_sharded_streaming",
 ]

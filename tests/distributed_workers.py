@@ -1,0 +1,375 @@
+"""Ranks for test_distributed.py: spawned processes that form a gloo process
+group on CPU, run every scenario of a world size in one group (spawning is
+the slow part), and report what each rank saw as JSON files that the test
+process checks.
+
+Each scenario runs save_model_streaming on every rank into its own folder
+and records, per rank: the path returned or the error raised, the files
+this rank's writers committed, and whatever the scenario measures. The
+saved folders are left for the test process to load.
+
+Teardown follows the gloo flake noted in issue 11: results are written to
+files first, then barrier(), destroy_process_group() and os._exit(0), so
+that an abort at interpreter exit cannot lose a result.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import hashlib
+import json
+import os
+import re
+import traceback
+
+import torch
+
+# Gloo collectives give up after this long: a rank that never comes fails
+# the save instead of hanging the test.
+TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def llama_config(tied: bool = False):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                       tie_word_embeddings=tied)
+
+
+def seeded_llama(tied: bool = False):
+    """The tiny Llama of issue 11; the same weights in every process."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(llama_config(tied)).eval()
+
+
+def fsdp_llama(mesh, tied: bool = False):
+    """The seeded Llama with fully_shard per decoder layer and at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = seeded_llama(tied)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_tensor(seed: int, shape) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator)
+
+
+def tp_state_dict(mesh) -> dict:
+    """A mapping with a tensor-parallel DTensor (columns split: Shard(1)),
+    a replicated DTensor and a plain tensor; the full tensors are
+    full_tensor(1, ...), full_tensor(2, ...), full_tensor(3, ...)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    return {
+        "column_parallel.weight": distribute_tensor(full_tensor(1, (6, 10)), mesh, [Shard(1)]),
+        "replicated.weight": distribute_tensor(full_tensor(2, (4, 4)), mesh, [Replicate()]),
+        "plain.bias": full_tensor(3, (5,)),
+    }
+
+
+def snapshot(folder: str) -> dict:
+    """{name: sha256} of every entry in folder ("<dir>" for directories)."""
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            found[name] = "<dir>"
+        else:
+            with open(path, "rb") as file:
+                found[name] = hashlib.sha256(file.read()).hexdigest()
+    return found
+
+
+def memory_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M).group(1))
+
+
+class RecordingWriter:
+    """Wraps _C.ShardedWriter to record the files this rank committed."""
+
+    committed: list = []
+
+    def __init__(self, *args):
+        from trinity_stream_saver.distributed import _RealShardedWriter
+
+        self._writer = _RealShardedWriter(*args)
+
+    def write(self, items):
+        return self._writer.write(items)
+
+    def commit(self):
+        paths = self._writer.commit()
+        RecordingWriter.committed.extend(os.path.basename(os.fsdecode(p)) for p in paths)
+        return paths
+
+    def abort(self):
+        return self._writer.abort()
+
+
+def save(record: dict, model, folder: str, **kwargs) -> None:
+    """Runs save_model_streaming, recording what it returned or raised and
+    the files this rank committed."""
+    from trinity_stream_saver import save_model_streaming
+
+    RecordingWriter.committed = []
+    try:
+        record["returned"] = save_model_streaming(model, folder, **kwargs)
+    except Exception as error:  # the test process checks what was raised
+        record["error"] = {
+            "type": type(error).__name__,
+            "message": str(error),
+            "failures": {str(k): v for k, v in getattr(error, "failures", {}).items()},
+        }
+    record["committed"] = list(RecordingWriter.committed)
+
+
+# --------------------------------------------------------------------------
+# Scenarios: each takes (rank, world, mesh, root) and returns this rank's
+# record. Every rank runs every scenario, in the same order.
+# --------------------------------------------------------------------------
+
+
+def fsdp_round_trip(rank, world, mesh, root):
+    record = {}
+    save(record, fsdp_llama(mesh), os.path.join(root, "fsdp"), max_shard_size="100KB")
+    return record
+
+
+def fsdp_tied_bf16(rank, world, mesh, root):
+    record = {}
+    save(record, fsdp_llama(mesh, tied=True), os.path.join(root, "fsdp_tied_bf16"),
+         max_shard_size="50KB", dtype=torch.bfloat16)
+    return record
+
+
+def tensor_parallel_mapping(rank, world, mesh, root):
+    record = {}
+    save(record, tp_state_dict(mesh), os.path.join(root, "tp"), max_shard_size=64)
+    return record
+
+
+def fsdp_state_dict_mapping(rank, world, mesh, root):
+    # state_dict() without keep_vars: detached DTensors, the tied pair two
+    # objects over one memory.
+    record = {}
+    save(record, fsdp_llama(mesh, tied=True).state_dict(), os.path.join(root, "mapping"),
+         max_shard_size="100KB")
+    return record
+
+
+def writer_rank_zero(rank, world, mesh, root):
+    record = {}
+    save(record, fsdp_llama(mesh), os.path.join(root, "writer0"), max_shard_size="100KB",
+         writer_ranks=[0])
+    return record
+
+
+def memory(rank, world, mesh, root):
+    """Peak memory of a save of a model 16 times its largest parameter,
+    built on the meta device so that no rank ever holds it whole."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers, rows, cols = 16, 1024, 2048  # 8 MiB per float32 weight
+    with torch.device("meta"):
+        model = torch.nn.Sequential(*(torch.nn.Linear(cols, rows, bias=False) for _ in range(layers)))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.to_local().fill_(1.0)
+    torch.distributed.barrier()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # VmHWM := VmRSS
+    before = memory_kib("VmRSS")
+    record = {}
+    save(record, model, os.path.join(root, "memory"), max_shard_size="20MB")
+    record["growth_bytes"] = (memory_kib("VmHWM") - before) * 1024
+    record["largest_parameter_bytes"] = rows * cols * 4
+    record["model_bytes"] = layers * rows * cols * 4
+    return record
+
+
+def _failing_setup(rank, world, mesh, root, name):
+    """A folder holding a good checkpoint, and its snapshot."""
+    folder = os.path.join(root, name)
+    record = {}
+    save(record, fsdp_llama(mesh), folder, max_shard_size="100KB")
+    assert "returned" in record, record
+    torch.distributed.barrier()
+    return folder, snapshot(folder)
+
+
+def failure_in_gather(rank, world, mesh, root):
+    """The last rank's third gather raises before its collective."""
+    from torch.distributed.tensor import DTensor
+
+    folder, before = _failing_setup(rank, world, mesh, root, "fail_gather")
+    model = fsdp_llama(mesh)
+    original = DTensor.full_tensor
+    calls = [0]
+
+    def failing_full_tensor(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("injected failure in the third gather")
+        return original(self, *args, **kwargs)
+
+    if rank == world - 1:
+        DTensor.full_tensor = failing_full_tensor
+    record = {}
+    try:
+        save(record, model, folder, max_shard_size="60KB")
+    finally:
+        DTensor.full_tensor = original
+    torch.distributed.barrier()
+    record["before"], record["after"] = before, snapshot(folder)
+    return record
+
+
+def failure_in_write(rank, world, mesh, root):
+    """A directory where the last rank's first temporary file must go."""
+    from trinity_stream_saver.distributed import assign_files, _entries, _meta
+    from trinity_stream_saver import plan_shards
+
+    folder, _ = _failing_setup(rank, world, mesh, root, "fail_write")
+    model = fsdp_llama(mesh)
+    plan = plan_shards(_meta(_entries(model), None), "60KB")
+    blocked = assign_files(plan, list(range(world)))[world - 1][0]
+    if rank == 0:
+        os.mkdir(os.path.join(folder, blocked + ".tmp"))
+    torch.distributed.barrier()
+    before = snapshot(folder)
+    record = {"blocked": blocked}
+    save(record, model, folder, max_shard_size="60KB")
+    torch.distributed.barrier()
+    record["before"], record["after"] = before, snapshot(folder)
+    return record
+
+
+def failure_unstorable_dtype(rank, world, mesh, root):
+    """The last rank's state dict holds a complex128 tensor."""
+    folder = os.path.join(root, "fail_dtype")
+    os.makedirs(folder, exist_ok=True)
+    torch.distributed.barrier()
+    state = {"a": full_tensor(1, (4,)), "b": full_tensor(2, (4,))}
+    if rank == world - 1:
+        state["b"] = state["b"].to(torch.complex128)
+    record = {}
+    save(record, state, folder)
+    torch.distributed.barrier()
+    record["after"] = snapshot(folder)
+    return record
+
+
+def failure_differing_shapes(rank, world, mesh, root):
+    """The last rank's tensor "b" has another shape than the others'."""
+    folder = os.path.join(root, "fail_shapes")
+    os.makedirs(folder, exist_ok=True)
+    torch.distributed.barrier()
+    state = {"a": full_tensor(1, (4,)), "b": full_tensor(2, (5 if rank == world - 1 else 4,))}
+    record = {}
+    save(record, state, folder)
+    torch.distributed.barrier()
+    record["after"] = snapshot(folder)
+    return record
+
+
+SCENARIOS = {
+    2: [fsdp_round_trip, fsdp_tied_bf16, tensor_parallel_mapping, fsdp_state_dict_mapping,
+        writer_rank_zero, memory, failure_in_gather, failure_in_write, failure_unstorable_dtype, failure_differing_shapes],
+    3: [fsdp_round_trip, failure_in_gather],
+}
+
+
+def fixed_mmap_threshold() -> None:
+    """Blocks over 1 MiB are mmapped and given back when freed.
+
+    By default glibc raises its mmap threshold each time a large block is
+    freed (up to 32 MiB), after which blocks of the memory scenario's size
+    (8 MiB) come from the heap, which keeps them after free: VmHWM then
+    counts glibc's retained heap, not what the save holds (76 MiB instead
+    of 16 MiB for 16 gathers of 8 MiB, with or without this library).
+    Parameters over 32 MiB are always mmapped, so real models do not need
+    this."""
+    ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def run_rank(rank: int, world: int, root: str) -> None:
+    """The body of one spawned rank: every scenario of `world`, in order."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import trinity_stream_saver.distributed as distributed
+
+    fixed_mmap_threshold()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank,
+                            world_size=world, timeout=TIMEOUT)
+    mesh = init_device_mesh("cpu", (world,))
+    distributed._RealShardedWriter = distributed._C.ShardedWriter
+    distributed._C.ShardedWriter = RecordingWriter
+    results = {}
+    for scenario in SCENARIOS[world]:
+        try:
+            results[scenario.__name__] = scenario(rank, world, mesh, root)
+        except Exception:
+            results[scenario.__name__] = {"crashed": traceback.format_exc()}
+    with open(os.path.join(root, f"rank{rank}.json"), "w") as file:
+        json.dump(results, file)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+# --------------------------------------------------------------------------
+# CUDA (test_distributed_cuda.py): one rank on nccl, the model on the GPU.
+# --------------------------------------------------------------------------
+
+
+def seeded_mlp(device: str = "cpu") -> torch.nn.Module:
+    """Linear layers of uneven sizes, the same weights in every process."""
+    torch.manual_seed(0)
+    sizes = [96, 512, 40, 1024, 8]
+    layers = [torch.nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])]
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def run_cuda_rank(rank: int, world: int, root: str) -> None:
+    """FSDP2 over the GPU: fully_shard per layer and at the root, saved
+    with a cast to bfloat16; reports as run_rank does."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{root}/rendezvous", rank=rank,
+                            world_size=world, timeout=TIMEOUT)
+    mesh = init_device_mesh("cuda", (world,))
+    model = seeded_mlp("cuda")
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    results = {}
+    try:
+        record = {}
+        save(record, model, os.path.join(root, "cuda_fsdp"), max_shard_size="100KB",
+             dtype=torch.bfloat16)
+        results["cuda_fsdp"] = record
+    except Exception:
+        results["cuda_fsdp"] = {"crashed": traceback.format_exc()}
+    with open(os.path.join(root, f"rank{rank}.json"), "w") as file:
+        json.dump(results, file)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
