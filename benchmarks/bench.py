@@ -269,14 +269,29 @@ def parse_args():
                 seen.add(size.flag)
                 sizes.add_argument(f"--{size.flag}", type=type(size.default or 0.0), default=None,
                                    help=f"{size.help} (default {size.default})")
+    parser.add_argument("--report", metavar="JSON", default=None,
+                        help="measure nothing: print the tables and targets of a saved run "
+                             "(its --json file) and draw its plot again")
     parser.add_argument("--plot", default=os.path.join(HERE, "results.png"), help="PNG to write")
     parser.add_argument("--json", default=os.path.join(HERE, "results.json"),
                         help="every measurement, as JSON")
     return parser.parse_args()
 
 
+def show(results: dict, plot: str) -> None:
+    report.print_overview(results)
+    report.print_producers(results)
+    report.print_targets(results)
+    report.plot(results, plot)
+
+
 def main() -> int:
     args = parse_args()
+    if args.report:
+        with open(args.report) as f:
+            show(json.load(f), args.plot)
+        print(f"\nplot in {args.plot}")
+        return 0
     scenarios = parse_scenarios(args.scenarios)
     if args.methods:
         parse_methods(args.methods)
@@ -308,13 +323,10 @@ def main() -> int:
             results["scenarios"][name] = run_scenario(name, args, work, calibrations)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report.print_overview(results)
-    report.print_producers(results)
-    report.print_targets(results)
     results["wall_s"] = time.monotonic() - started
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
-    report.plot(results, args.plot)
+    show(results, args.plot)
     print(f"\nwall time {results['wall_s']:.0f} s; raw measurements in {args.json}, "
           f"plot in {args.plot}")
     return 0

@@ -245,6 +245,6 @@ def _target_lines(name: str, summary: dict, key: str) -> list:
         if key == "ratio" and target.time_limit:
             lines.append((target.time_limit, f"{who} <= {target.time_limit:.2f}x"))
         if key == "rss_growth_mib" and target.memory_slack_mib and not target.memory_over:
-            limit = summary["tensor_mib"] + target.memory_slack_mib
+            limit = target.memory_tensors * summary["tensor_mib"] + target.memory_slack_mib
             lines.append((limit, f"{who} <= {limit:.0f} MiB"))
     return lines

@@ -212,26 +212,26 @@ def _failing_setup(rank, world, mesh, root, name):
 
 def failure_in_gather(rank, world, mesh, root):
     """The last rank's third gather raises before its collective."""
-    from torch.distributed.tensor import DTensor
+    from trinity_stream_saver import distributed
 
     folder, before = _failing_setup(rank, world, mesh, root, "fail_gather")
     model = fsdp_llama(mesh)
-    original = DTensor.full_tensor
+    original = distributed._full_tensor
     calls = [0]
 
-    def failing_full_tensor(self, *args, **kwargs):
+    def failing_full_tensor(tensor):
         calls[0] += 1
         if calls[0] == 3:
             raise RuntimeError("injected failure in the third gather")
-        return original(self, *args, **kwargs)
+        return original(tensor)
 
     if rank == world - 1:
-        DTensor.full_tensor = failing_full_tensor
+        distributed._full_tensor = failing_full_tensor
     record = {}
     try:
         save(record, model, folder, max_shard_size="60KB")
     finally:
-        DTensor.full_tensor = original
+        distributed._full_tensor = original
     torch.distributed.barrier()
     record["before"], record["after"] = before, snapshot(folder)
     return record

@@ -370,8 +370,37 @@ class _Gatherer:
     def _gather(tensor: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             if DTensor is not None and isinstance(tensor, DTensor):
-                tensor = tensor.full_tensor()
+                return _full_tensor(tensor)
             return tensor.detach()
+
+
+def _full_tensor(tensor) -> torch.Tensor:
+    """The whole of a DTensor, on every rank (a collective).
+
+    FSDP2's layout, one mesh dimension and Shard(0), is gathered straight
+    into one buffer whose first rows are the tensor: full_tensor() gathers
+    into a padded buffer and then copies the tensor out of it, holding the
+    parameter twice at its peak. Any other layout goes through
+    full_tensor()."""
+    placements = tensor.placements
+    mesh = tensor.device_mesh
+    if mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0) or tensor.dim() == 0:
+        return tensor.full_tensor()
+    group = mesh.get_group()
+    rows = tensor.shape[0]
+    # Shard(0) splits as torch.chunk does: ceil(rows / ranks) rows a rank,
+    # the last ranks short or empty; each is padded to that size here.
+    chunk = -(-rows // group.size())
+    local = tensor.to_local()
+    if local.shape[0] != chunk or not local.is_contiguous():
+        padded = local.new_zeros((chunk, *tensor.shape[1:]))
+        padded[: local.shape[0]] = local
+        local = padded
+    gathered = local.new_empty((chunk * group.size(), *tensor.shape[1:]))
+    # all_gather_single is all_gather_into_tensor's name from torch 2.13 on.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, local, group=group)
+    return gathered[:rows]
 
 
 # --------------------------------------------------------------------------
