@@ -302,7 +302,7 @@ class _PinnedRing:
 
 class _Gatherer:
     """Iterates the tensors this rank writes, as CPU tensors, while making
-    every rank's collectives: each entry is gathered (DTensor.full_tensor())
+    every rank's collectives: each entry is gathered (_full_tensor)
     in order whether this rank writes it or not, and dropped if not.
 
     It remembers how far it got, so that after a failure ``drain()`` makes
@@ -491,8 +491,9 @@ def save_model_streaming(
     When torch.distributed is initialised this is a collective: every rank
     of `process_group` (the default group when None) calls it with the same
     arguments. Each DTensor (FSDP2's ``fully_shard``, or tensor parallel
-    ``Shard(dim)``) is gathered with ``full_tensor()`` on every rank, one at
-    a time in state dict order; the shard files are shared among the writer
+    ``Shard(dim)``) is gathered on every rank, one at a time in state dict
+    order (FSDP2's ``Shard(0)`` straight into one buffer, other layouts with
+    ``full_tensor()``); the shard files are shared among the writer
     ranks, balanced by bytes, and each rank writes only its files. By
     default every rank writes, so every rank must see the same
     ``save_directory`` (a shared filesystem); without one pass
