@@ -8,6 +8,7 @@
 #   3. the real slow producer: the Llama-shaped model on the GPU, each
 #      tensor copied into pinned memory with a non-blocking copy
 #      (gpu_llama), overlap=True against in turn;
+#   3b. the distributed save on 2 and 8 gloo ranks (CPU);
 #   4. the model-shaped overlap scenarios (llama, moe, each as fast and
 #      twice as fast as the writer) on a quiet 16-core machine;
 #   5. an 8 GiB save on 16 cores against raw writing, if time is left.
@@ -74,7 +75,7 @@ say "built: $(cd /tmp && "$PY" -c 'import trinity_stream_saver as t; print(t.__f
 XDIST=()
 "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
 (cd "$ROOT/tests" && stage 150 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -rs \
-  test_cuda.py test_distributed.py test_bad_input.py test_overlap.py test_sharded.py \
+  test_cuda.py test_distributed_cuda.py test_distributed.py test_bad_input.py test_overlap.py \
   > "$OUT/pytest.log" 2>&1)
 tail -15 "$OUT/pytest.log"
 
@@ -88,10 +89,16 @@ BENCH=("$PY" "$ROOT/benchmarks/bench.py")
 stage 150 "${BENCH[@]}" --dir "$SHM" --rounds 3 --scenarios gpu_llama \
   --json "$OUT/gpu_llama.json" --plot "$OUT/gpu_llama.png"
 
+# 3b. The distributed save with 2 and 8 gloo ranks on this machine's cores.
+stage 150 "$PY" "$ROOT/benchmarks/distributed_bench.py" --dir "$SHM" --rounds 3 --ranks 2 \
+  --json "$OUT/distributed_2.json"
+stage 150 "$PY" "$ROOT/benchmarks/distributed_bench.py" --dir "$SHM" --rounds 2 --ranks 8 \
+  --json "$OUT/distributed_8.json"
+
 # 4. The model-shaped overlap scenarios on a quiet machine.
 stage 200 "${BENCH[@]}" --dir "$SHM" --rounds 3 --scenarios llama,llama_2x,moe,moe_2x \
   --methods trinity_stream_saver,trinity_overlap,raw_os_write,raw_queue_thread \
-  --json "$OUT/models.json" --plot "$OUT/models.png"
+  --json "$OUT/models.json" --plot /tmp/models.png
 
 # 5. 8 GiB, 64 tensors of 128 MiB, in memory.
 stage 150 "${BENCH[@]}" --dir "$SHM" --rounds 2 --scenarios large --large-mib "$MIB" \

@@ -1,4 +1,4 @@
-"""Issue 11's benchmark: saving an FSDP2 model from 2 gloo ranks on CPU, four
+"""The distributed benchmark: saving an FSDP2 model from 2 gloo ranks on CPU, four
 ways, to tmpfs.
 
   python benchmarks/distributed_bench.py [--dir /dev/shm] [--rounds 3] [--ranks 2]
