@@ -30,20 +30,11 @@ import torch
 TIMEOUT = datetime.timedelta(seconds=60)
 
 
-def llama_config(tied: bool = False):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                       tie_word_embeddings=tied)
-
-
 def seeded_llama(tied: bool = False):
-    """The tiny Llama of issue 11; the same weights in every process."""
-    from transformers import LlamaForCausalLM
+    """The tiny Llama of the test suite; the same weights in every process."""
+    from conftest import tiny_model
 
-    torch.manual_seed(0)
-    return LlamaForCausalLM(llama_config(tied)).eval()
+    return tiny_model(tied)
 
 
 def fsdp_llama(mesh, tied: bool = False):
