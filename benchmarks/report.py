@@ -198,11 +198,16 @@ def plot(report: dict, path: str, columns: int = 5) -> None:
     colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods.METHODS)}
     for ax in axes.flat:
         ax.set_visible(False)
+    first_of_block: list = []
     for index, name in enumerate(names):
         summary = report["scenarios"][name]["summary"]
         rows = [(m, r) for m, r in summary["methods"].items() if "median_s" in r]
         labels = [_label(m) for m, _ in rows]
         block, column = divmod(index, columns)
+        if column == 0:
+            first_of_block = labels
+        # Labels on the block's first panel, and on any whose methods differ.
+        shown = labels if column == 0 or labels != first_of_block else [""] * len(rows)
         for line, (key, title, unit) in enumerate((
             ("ratio", f"time vs {summary['reference_label']}",
              f"times {summary['reference_label']}"),
@@ -213,8 +218,7 @@ def plot(report: dict, path: str, columns: int = 5) -> None:
             values = [r.get(key) or 0.0 for _, r in rows]
             ax.barh(range(len(rows)), values,
                     color=[colours.get(m, colours["raw_os_write"]) for m, _ in rows])
-            ax.set_yticks(range(len(rows)), labels if column == 0 else [""] * len(rows),
-                          fontsize=7)
+            ax.set_yticks(range(len(rows)), shown, fontsize=7)
             ax.invert_yaxis()
             for y, value in enumerate(values):
                 text = f" {value:.2f}x" if key == "ratio" else f" {value:,.0f}"
@@ -241,7 +245,8 @@ def _target_lines(name: str, summary: dict, key: str) -> list:
     """Where this scenario's targets sit on a panel, with their labels."""
     lines = []
     for target in targets.for_scenario(name):
-        who = "overlap=True" if target.method == "trinity_overlap" else "in turn"
+        who = {"trinity_overlap": "overlap=True", "trinity_sharded": "sharded"}.get(
+            target.method, "in turn")
         if key == "ratio" and target.time_limit:
             lines.append((target.time_limit, f"{who} <= {target.time_limit:.2f}x"))
         if key == "rss_growth_mib" and target.memory_slack_mib and not target.memory_over:
