@@ -168,7 +168,7 @@ def _rank(rank: int, world: int, method: str, root: str, folder: str) -> None:
                    "largest_mib": largest, "model_mib": total}, file)
     dist.barrier()
     dist.destroy_process_group()
-    os._exit(0)  # gloo's teardown can abort at interpreter exit (issue 11)
+    os._exit(0)  # gloo's teardown can abort at interpreter exit
 
 
 def run(method: str, world: int, directory: str) -> dict:

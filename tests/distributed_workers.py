@@ -8,7 +8,7 @@ and records, per rank: the path returned or the error raised, the files
 this rank's writers committed, and whatever the scenario measures. The
 saved folders are left for the test process to load.
 
-Teardown follows the gloo flake noted in issue 11: results are written to
+Teardown works around a gloo flake (a worker aborting at interpreter exit): results are written to
 files first, then barrier(), destroy_process_group() and os._exit(0), so
 that an abort at interpreter exit cannot lose a result.
 """

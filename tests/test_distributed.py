@@ -1,4 +1,4 @@
-"""save_model_streaming (issue 11): a Hugging Face checkpoint from a model
+"""save_model_streaming: a Hugging Face checkpoint from a model
 sharded over torch.distributed ranks, every rank writing its share.
 
 The ranks are spawned processes on a gloo process group on CPU. Spawning

@@ -1,4 +1,4 @@
-"""Hostile inputs (issue 13): each either saves a correct file or fails
+"""Hostile inputs: each either saves a correct file or fails
 with a clear error naming what is wrong; none crashes the process (cases
 that could are run in a child process)."""
 

@@ -2,7 +2,8 @@
 turned against the user: nothing is written through a link, two saves to
 one path never write into one file, ``finalize`` never puts an incomplete
 file in place, and a destination that is not a file is refused. Each of the
-three ways to lose data of issue 8 is a test here."""
+three ways to lose data (a link at the temp path, two saves to one path,
+finalize of a cut file) is a test here."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ class PausedSave:
 
 
 # --------------------------------------------------------------------------
-# issue 8, scenario 1: a symbolic link at <path>.tmp
+# a symbolic link at <path>.tmp
 # --------------------------------------------------------------------------
 
 
@@ -99,7 +100,7 @@ def test_a_dangling_symlink_at_the_temp_path_creates_nothing_at_its_target(dest,
 
 
 # --------------------------------------------------------------------------
-# issue 8, scenario 2: two saves to the same path at once
+# two saves to the same path at once
 # --------------------------------------------------------------------------
 
 
@@ -178,7 +179,7 @@ def test_a_save_in_another_process_holds_the_path_until_it_dies(existing_dest):
 
 
 # --------------------------------------------------------------------------
-# issue 8, scenario 3: finalize() of an incomplete file
+# finalize() of an incomplete file
 # --------------------------------------------------------------------------
 
 
@@ -268,7 +269,7 @@ def test_check_file_raises_value_error_naming_the_file(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# issue 13, item 4: a FIFO at <path>.tmp
+# a FIFO at <path>.tmp
 # --------------------------------------------------------------------------
 
 FIFO_CHILD = r"""
@@ -291,7 +292,7 @@ def test_a_fifo_at_the_temp_path_is_replaced_without_hanging(dest):
 
 
 # --------------------------------------------------------------------------
-# issue 13, item 7: a destination that is not a regular file
+# a destination that is not a regular file
 # --------------------------------------------------------------------------
 
 
@@ -344,7 +345,7 @@ def test_a_symlink_at_the_destination_is_replaced_and_its_target_kept(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# issue 13, item 10: a path that names a directory
+# a path that names a directory
 # --------------------------------------------------------------------------
 
 
@@ -372,7 +373,7 @@ def test_an_empty_filepath_is_a_value_error(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------
-# issue 13, item 11: finalize_async while the interpreter shuts down
+# finalize_async while the interpreter shuts down
 # --------------------------------------------------------------------------
 
 AT_EXIT_CHILD = r"""

@@ -176,7 +176,7 @@ py::bytes save_sharded(py::handle tensor_iter, const std::string& directory, con
   return py::bytes(written);
 }
 
-// The phases of a sharded save for Python (issue 11's distributed save):
+// The phases of a sharded save for Python (the distributed save):
 // a ShardedWriter for the files named by `filenames` (all when None).
 std::unique_ptr<ShardedWriter> make_sharded_writer(
     const ShardPlan& plan, const std::string& directory,
