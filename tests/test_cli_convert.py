@@ -194,3 +194,48 @@ def test_a_converted_index_lists_every_tensor_with_its_total_size(model, tmp_pat
     assert index["metadata"]["total_size"] == sum(
         t.numel() * t.element_size() for t in state_dict.values()
     )
+
+
+def test_a_conversion_that_fails_after_copying_side_files_leaves_the_destination_as_it_was(
+    model, tmp_path, monkeypatch
+):
+    from trinity_stream_saver.cli import convert as convert_module
+
+    source = make_source("bin_folder", model, tmp_path)
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "config.json").write_text('{"old": true}\n')
+    before = {path.name: path.read_bytes() for path in destination.iterdir()}
+
+    def failing_save(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert_module, "save_sharded_streaming", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        convert_module.convert(str(source), str(destination), progress=False)
+    assert {path.name: path.read_bytes() for path in destination.iterdir()} == before
+
+
+def test_a_side_file_that_cannot_be_copied_leaves_the_destination_as_it_was(
+    model, tmp_path, monkeypatch
+):
+    from trinity_stream_saver.cli import convert as convert_module
+
+    source = make_source("bin_folder", model, tmp_path)
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "model.safetensors").write_bytes(b"an older checkpoint")
+    before = {path.name: path.read_bytes() for path in destination.iterdir()}
+    copies = []
+
+    def failing_copy(source_file, target_file):
+        copies.append(target_file.name)
+        if len(copies) == 2:
+            raise OSError(5, "Input/output error")
+        target_file.write(source_file.read())
+
+    monkeypatch.setattr(convert_module.shutil, "copyfileobj", failing_copy)
+    with pytest.raises(OSError, match="Input/output error"):
+        convert_module.convert(str(source), str(destination), progress=False)
+    assert len(copies) == 2
+    assert {path.name: path.read_bytes() for path in destination.iterdir()} == before

@@ -43,7 +43,7 @@ def convert(
 ) -> str:
     """Converts ``source`` into the folder ``destination``; returns the path
     of the index (or of the single file). A failed conversion leaves the
-    destination as it was."""
+    destination as it was (a folder it created is removed again)."""
     checkpoint = open_checkpoint(source)
     folder = Path(destination)
     _refuse_overlap(checkpoint, folder)
@@ -72,17 +72,22 @@ def convert(
 
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    # The side files are copied under temporary names first and put in
+    # place only after the weights: a failed conversion (of the weights or
+    # of a copy) leaves nothing new in the destination.
+    staged: list[tuple[Path, Path]] = []
     try:
+        _stage_side_files(checkpoint, folder, staged, fsync=fsync)
         written = save_sharded_streaming(
             tensors, folder, meta, max_shard_size=max_shard_size, fsync=fsync, progress=progress
         )
     except BaseException:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
         if created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    # The side files come after the weights, so that a failed conversion
-    # leaves nothing new in the destination.
-    _copy_side_files(checkpoint, folder, fsync=fsync)
+    _install_side_files(staged, folder, fsync=fsync)
     _report(checkpoint, len(entries), total, written)
     return written
 
@@ -115,19 +120,24 @@ def _cast_item(item: tuple[str, torch.Tensor], dtype: torch.dtype) -> tuple[str,
     return item
 
 
-def _copy_side_files(checkpoint: Checkpoint, folder: Path, *, fsync: bool) -> None:
-    # Each file is copied under a temporary name and renamed, so that an
-    # interrupted copy never leaves a half config; with fsync, as for the
-    # shards, the data is on disk before the rename and the renames after.
+def _stage_side_files(checkpoint: Checkpoint, folder: Path, staged: list, *, fsync: bool) -> None:
+    """Copies each side file to a temporary name in `folder`, appending
+    (temporary, final) to `staged` as it goes; with fsync, as for the
+    shards, the data is on disk before the renames."""
     for path in checkpoint.side_files():
         temporary = folder / (path.name + ".tmp")
+        staged.append((temporary, folder / path.name))
         with open(path, "rb") as source, open(temporary, "wb") as copy:
             shutil.copyfileobj(source, copy)
             if fsync:
                 copy.flush()
                 os.fsync(copy.fileno())
-        os.replace(temporary, folder / path.name)
-    if fsync:
+
+
+def _install_side_files(staged: list, folder: Path, *, fsync: bool) -> None:
+    for temporary, final in staged:
+        os.replace(temporary, final)
+    if fsync and staged:
         descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(descriptor)
