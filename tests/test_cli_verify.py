@@ -210,3 +210,12 @@ def test_a_shard_the_index_does_not_name_is_noted_but_not_a_failure(checkpoint):
     result = run_cli("verify", checkpoint)
     assert result.returncode == 0, result.stdout
     assert any(line.startswith("note:") and stray.name in line for line in result.stdout.splitlines())
+
+
+def test_a_broken_symbolic_link_in_a_folder_without_an_index_is_named(checkpoint):
+    (checkpoint / "model.safetensors.index.json").unlink()
+    for shard in shards(checkpoint)[1:]:
+        shard.unlink()
+    link = checkpoint / "model-extra.safetensors"
+    link.symlink_to(checkpoint / "gone.safetensors")
+    assert_bad(checkpoint, link, "broken symbolic link")

@@ -75,9 +75,13 @@ def check(path: Path, report: Report) -> Optional[dict[Path, dict[str, dict]]]:
     for file in layout.files:
         if not file.exists():
             named = [n for n, f in (weight_map or {}).items() if layout.folder / f == file]
-            report.problem(
-                file, f"missing, but the index places {len(named)} tensors in it (e.g. {named[0]!r})."
-            )
+            if named:
+                report.problem(
+                    file,
+                    f"missing, but the index places {len(named)} tensors in it (e.g. {named[0]!r}).",
+                )
+            else:  # a broken symbolic link, as in a half-downloaded cache snapshot
+                report.problem(file, "cannot be read: it is a broken symbolic link.")
             continue
         try:
             headers[file] = read_safetensors_header(file).tensors
