@@ -450,3 +450,13 @@ def test_peak_memory_of_a_fresh_process_stays_near_one_tensor(tmp_path, mode):
     # largest plus the one before it). Buffers add a few MiB.
     allowed = largest + (16 * MiB if mode == "overlap" else 0) + 24 * MiB
     assert growth <= allowed, f"peak grew by {growth / MiB:.0f} MiB saving {total / MiB:.0f} MiB"
+
+
+def test_tensors_out_of_state_dict_meta_order_across_files_are_named(tmp_path):
+    before = old_checkpoint(tmp_path)
+    items = u8_items([6, 6, 6, 6])  # two files of two tensors each at max_shard_size=12
+    meta = meta_for(items)
+    shuffled = [items[0], items[2], items[1], items[3]]
+    with pytest.raises(ValueError, match=r"'t2' came before tensor 't1'.*state_dict_meta's order"):
+        save_sharded_streaming(iter(shuffled), tmp_path, meta, max_shard_size=12)
+    assert folder(tmp_path) == before

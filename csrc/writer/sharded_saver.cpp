@@ -72,7 +72,6 @@ struct ShardedWriter::State {
   ShardWriteOptions options;
   Metadata file_metadata;
   std::vector<bool> mine;      // per file: written by this writer
-  std::vector<bool> finished;  // per file: closed under its temporary name
   std::unordered_map<std::string, Location> locations;
   std::unordered_set<std::string> seen;
   std::vector<std::string> kept;  // finished temporary files not yet renamed
@@ -97,19 +96,12 @@ struct ShardedWriter::State {
   }
 
   std::unique_ptr<TensorWriter> open(std::size_t file) {
-    if (finished[file]) {
-      throw ValueError("tensor " + quoted_name(plan.files[file].tensors.front().name) +
-                       "'s file " + plan.files[file].filename +
-                       " was already finished when another of its tensors came: yield the "
-                       "tensors in state_dict_meta's order.");
-    }
     return std::make_unique<TensorWriter>(temp_path(file), plan.files[file].tensors,
                                           file_metadata, options.poll);
   }
 
   void close(std::size_t file, TensorWriter& writer) {
     writer.close_and_keep(options.fsync);
-    finished[file] = true;
     kept.push_back(temp_path(file));
   }
 
@@ -130,6 +122,20 @@ struct ShardedWriter::State {
       const std::unique_ptr<TensorWriter> writer = open(at.file);
       writer->write(item->first, item->second);
       close(at.file, *writer);
+    }
+  }
+
+  // A tensor of another file came while `file` still lacked some of its
+  // own: the stream does not follow state_dict_meta's order, which the
+  // plan (and so the files) were made from.
+  void check_file_complete(std::size_t file, const std::string& arrived) const {
+    for (const TensorMeta& row : plan.files[file].tensors) {
+      if (seen.count(row.name) == 0) {
+        throw ValueError("tensor " + quoted_name(arrived) + " came before tensor " +
+                         quoted_name(row.name) + " of " + plan.files[file].filename +
+                         ", which was being written: yield the tensors in state_dict_meta's "
+                         "order.");
+      }
     }
   }
 
@@ -162,7 +168,6 @@ ShardedWriter::ShardedWriter(std::string directory, ShardPlan plan,
   if (s.plan.is_sharded()) check_index_metadata(s.options.metadata);
   s.file_metadata = shard_file_metadata(s.plan, s.options.metadata);
   s.mine.assign(s.plan.files.size(), false);
-  s.finished.assign(s.plan.files.size(), false);
   for (const std::size_t file : files) {
     if (file >= s.plan.files.size()) {
       throw ValueError("file number " + std::to_string(file) + " is not in the shard plan, "
@@ -208,9 +213,13 @@ void ShardedWriter::write(const TensorSource& next) {
         return std::move(routed->item);
       };
       write_stream(source, *writer, s.options.overlap, std::nullopt, s.options.poll);
-      // The stream ended inside this file: say which tensors of the whole
-      // plan never came before the file's own count check would.
-      if (!pending) s.check_complete();
+      // The stream ended, or moved on to another file, inside this one: say
+      // which tensors are missing before the file's own count check would.
+      if (pending) {
+        s.check_file_complete(file, pending->item.first);
+      } else {
+        s.check_complete();
+      }
       s.close(file, *writer);
     }
     s.check_complete();

@@ -67,9 +67,11 @@ struct ShardOptions : ShardWriteOptions {
 // file's path.
 //
 // Throws as save_safetensors_streaming does, and ValueError for a tensor
-// that is not in state_dict_meta, does not match its row, comes after its
-// file was finished, or is missing at the end. On any error before the
-// renames, the folder is left as it was, without temporary files.
+// that is not in state_dict_meta, does not match its row, comes out of
+// state_dict_meta's order (before the rest of the file being written), or
+// is missing at the end. On any error before the renames, the folder is
+// left as it was, without temporary files (a folder the save created stays,
+// empty).
 std::string save_sharded_streaming(const TensorSource& next, const std::string& directory,
                                    const std::vector<TensorMeta>& state_dict_meta,
                                    const ShardOptions& options = {});

@@ -118,7 +118,7 @@ def save_sharded_streaming(
     tensor are they renamed, then the index written, then files of an older
     checkpoint with the same pattern that the new one does not name
     removed. A failure before the renames leaves the folder as it was,
-    without temporary files.
+    without temporary files (a folder the save created stays, empty).
     """
     _reject_mapping(tensor_iter)
     directory = _path("save_directory", save_directory)

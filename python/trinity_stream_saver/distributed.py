@@ -20,7 +20,8 @@ any rank is raised on every rank, naming it, before the next phase starts
    writing) so that the other ranks are not left waiting in a collective.
 3. commit: the temporary files take their final names.
 4. finish (the first writer rank): the index, then config.json.
-Until phase 3 a failure leaves the folder as it was.
+Until phase 3 a failure leaves the folder as it was (a folder the save
+created stays, empty).
 """
 
 from __future__ import annotations
@@ -525,7 +526,7 @@ def save_model_streaming(
         failing ranks and their errors; in a single process, the error
         itself (TypeError, ValueError, OSError). A failure before the
         renames leaves the folder as it was, with no temporary files and no
-        index. GPU tensors reach the CPU through two pinned buffers of the
+        index (a folder the save created stays, empty). GPU tensors reach the CPU through two pinned buffers of the
         largest tensor this rank writes, copied without blocking while the
         previous tensor is written.
     """
