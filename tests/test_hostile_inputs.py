@@ -80,7 +80,7 @@ def test_metadata_with_a_lone_surrogate_is_a_value_error_naming_the_key(existing
 
 
 def test_a_0d_numpy_array_as_a_shape_is_a_clear_type_error(existing_dest):
-    np = pytest.importorskip("numpy")
+    np = pytest.importorskip("numpy", reason="the case is a numpy array; numpy is in the test extra")
     with pytest.raises(TypeError, match="'a' has a shape of type numpy.ndarray that cannot be read"):
         save_safetensors_streaming([("a", torch.ones(1))], existing_dest, [("a", "F32", np.array(1))])
 

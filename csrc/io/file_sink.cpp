@@ -128,10 +128,10 @@ void FileSink::close_and_rename(const std::string& destination, bool sync) {
   if (sync) sync_after_rename(path_, destination);
 }
 
-void FileSink::close_and_keep(bool sync) {
+FileDescriptor FileSink::close_and_keep(bool sync) {
   close_or_throw(sync);
   finished_ = true;
-  lock_.reset();
+  return std::move(lock_);
 }
 
 }  // namespace trinity_stream_saver

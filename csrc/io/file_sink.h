@@ -67,9 +67,12 @@ class FileSink final {
   void close_and_rename(const std::string& destination, bool sync);
 
   // Closes the file and leaves it at path() for the caller to finish
-  // (with `sync`, its data is on disk first). Releases the lock: the file
-  // is complete, and finalize() takes the lock again to rename it.
-  void close_and_keep(bool sync);
+  // (with `sync`, its data is on disk first). Returns the descriptor that
+  // holds the lock: a caller that renames the file later itself (a
+  // sharded save) keeps it meanwhile, so that no other save takes the
+  // finished file for debris; dropping it releases the lock, and
+  // finalize() takes the lock again to rename the file.
+  FileDescriptor close_and_keep(bool sync);
 
   const std::string& path() const noexcept { return path_; }
 

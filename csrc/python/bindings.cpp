@@ -307,7 +307,6 @@ PYBIND11_MODULE(_C, m) {
            py::arg("filenames"), py::arg("metadata"), py::arg("sync"), py::arg("overlap"))
       .def("write", &tss::sharded_writer_write, py::arg("tensor_iter"),
            "Pulls every item; writes this writer's files under temporary names.")
-      .def("temp_paths", [](const tss::ShardedWriter& w) { return tss::as_bytes(w.temp_paths()); })
       .def("commit", [](tss::ShardedWriter& w) {
              std::vector<std::string> paths;
              {

@@ -6,6 +6,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <unordered_map>
 #include <unordered_set>
@@ -17,6 +18,7 @@
 #include "io/directory.h"
 #include "io/durability.h"
 #include "io/file_sink.h"
+#include "io/temp_file.h"
 #include "writer/stream_loop.h"
 #include "writer/tensor_writer.h"
 #include "writer/torch_dtype.h"
@@ -74,7 +76,10 @@ struct ShardedWriter::State {
   std::vector<bool> mine;      // per file: written by this writer
   std::unordered_map<std::string, Location> locations;
   std::unordered_set<std::string> seen;
-  std::vector<std::string> kept;  // finished temporary files not yet renamed
+  // Finished temporary files not yet renamed, each with the descriptor
+  // that holds its lock: until the rename or the abort, no other save to
+  // this folder may take them for debris and put its own in their place.
+  std::vector<std::pair<std::string, FileDescriptor>> kept;
   bool written = false;
   bool committed = false;
 
@@ -101,8 +106,7 @@ struct ShardedWriter::State {
   }
 
   void close(std::size_t file, TensorWriter& writer) {
-    writer.close_and_keep(options.fsync);
-    kept.push_back(temp_path(file));
+    kept.emplace_back(temp_path(file), writer.close_and_keep(options.fsync));
   }
 
   // The next item of one of this writer's files that holds several
@@ -153,7 +157,9 @@ struct ShardedWriter::State {
   }
 
   void remove_kept() noexcept {
-    for (const std::string& path : kept) ::unlink(path.c_str());
+    for (const auto& [path, lock] : kept) {
+      if (still_named(lock, path)) ::unlink(path.c_str());
+    }
     kept.clear();
   }
 };
@@ -230,7 +236,11 @@ void ShardedWriter::write(const TensorSource& next) {
   s.written = true;
 }
 
-std::vector<std::string> ShardedWriter::temp_paths() const { return state_->kept; }
+std::vector<std::string> ShardedWriter::temp_paths() const {
+  std::vector<std::string> paths;
+  for (const auto& kept : state_->kept) paths.push_back(kept.first);
+  return paths;
+}
 
 std::vector<std::string> ShardedWriter::commit() {
   State& s = *state_;
@@ -241,9 +251,17 @@ std::vector<std::string> ShardedWriter::commit() {
   for (std::size_t file = 0; file < s.plan.files.size(); ++file) {
     if (!s.mine[file]) continue;
     // The data is on disk already (closed with fsync); one directory sync
-    // after all renames.
-    finalize_file(s.temp_path(file), s.final_path(file), /*sync=*/false);
-    std::erase(s.kept, s.temp_path(file));
+    // after all renames. The lock is held through the rename.
+    const auto kept = std::find_if(s.kept.begin(), s.kept.end(), [&](const auto& entry) {
+      return entry.first == s.temp_path(file);
+    });
+    if (kept == s.kept.end()) {
+      throw std::logic_error("ShardedWriter::commit(): a file of this writer was not kept");
+    }
+    check_still_named(kept->second, kept->first);
+    check_destination(s.final_path(file));
+    rename_into_place(kept->first, s.final_path(file));
+    s.kept.erase(kept);
     paths.push_back(s.final_path(file));
   }
   s.committed = true;

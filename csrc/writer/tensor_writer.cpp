@@ -379,12 +379,14 @@ void TensorWriter::close_and_rename(const std::string& destination, bool sync) {
   });
 }
 
-void TensorWriter::close_and_keep(bool sync) {
+FileDescriptor TensorWriter::close_and_keep(bool sync) {
   check_usable("finish the file");
+  FileDescriptor lock;
   failing_for_good([&] {
     finish_file();
-    sink_.close_and_keep(sync);
+    lock = sink_.close_and_keep(sync);
   });
+  return lock;
 }
 
 }  // namespace trinity_stream_saver

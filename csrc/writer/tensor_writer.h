@@ -89,8 +89,9 @@ class TensorWriter final {
   // Writes the header, closes the file and renames it to `destination`;
   // with `sync`, durably (see FileSink::close_and_rename).
   void close_and_rename(const std::string& destination, bool sync);
-  // Writes the header and closes the file, leaving it at its temporary path.
-  void close_and_keep(bool sync);
+  // Writes the header and closes the file, leaving it at its temporary path;
+  // returns the descriptor that holds its lock (see FileSink::close_and_keep).
+  FileDescriptor close_and_keep(bool sync);
 
   // N: the header length reserved in the file.
   std::uint64_t reserved_header_size() const noexcept { return reserved_; }

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "io/file_sink.h"
 #include "test_support.h"
 
 namespace trinity_stream_saver {
@@ -163,6 +164,24 @@ TEST(ShardedWriter, RemovesItsTemporaryFilesWhenDestroyedUncommitted) {
     EXPECT_EQ(writer.temp_paths().size(), 2u);
   }
   EXPECT_TRUE(names_in(dir.file("")).empty());
+}
+
+TEST(ShardedWriter, HoldsItsFinishedFilesUntilCommitSoNoOtherSaveTakesThem) {
+  ScratchDir dir;
+  const Items items = tensors_of({6, 6});
+  ShardedWriter writer(dir.file(""), plan_shards(meta_of(items), 6), {0, 1}, {});
+  writer.write(source_of(items));
+  // A second save to the same folder must not take a finished shard for
+  // the debris of a killed save and replace it.
+  try {
+    FileSink other(writer.temp_paths().front());
+    FAIL() << "expected EBUSY";
+  } catch (const OsError& error) {
+    EXPECT_EQ(error.error_number(), EBUSY);
+  }
+  EXPECT_EQ(writer.commit().size(), 2u);
+  EXPECT_EQ(names_in(dir.file("")), (std::set<std::string>{"model-00001-of-00002.safetensors",
+                                                           "model-00002-of-00002.safetensors"}));
 }
 
 TEST(ShardedWriter, OverlapWritesTheSameFiles) {
