@@ -65,8 +65,9 @@ def save_safetensors_streaming(
         max_queued_bytes: with ``overlap``, the most bytes of tensors
             queued beyond the one being written (a larger tensor still goes,
             alone, once the writer is idle). Default: the largest tensor in
-            ``state_dict_meta``, which keeps the peak memory of the default
-            one-at-a-time hand-off. Reused buffers: while the iterator
+            ``state_dict_meta``; 0 hands over one tensor at a time, which
+            holds the least (the tensor being written) but overlaps less
+            on streams of mixed sizes. Reused buffers: while the iterator
             produces the next item, the saver holds only the tensor being
             written and the queue, so a ring of ``R`` staging buffers of
             ``S`` bytes each (one tensor per buffer) may be refilled safely
