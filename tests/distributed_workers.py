@@ -164,7 +164,7 @@ def writer_rank_zero(rank, world, mesh, root):
     return record
 
 
-def memory(rank, world, mesh, root):
+def _memory(mesh, folder: str, **kwargs) -> dict:
     """Peak memory of a save of a model 16 times its largest parameter,
     built on the meta device so that no rank ever holds it whole."""
     from torch.distributed.fsdp import fully_shard
@@ -184,10 +184,39 @@ def memory(rank, world, mesh, root):
         clear.write("5")  # VmHWM := VmRSS
     before = memory_kib("VmRSS")
     record = {}
-    save(record, model, os.path.join(root, "memory"), max_shard_size="20MB")
+    save(record, model, folder, max_shard_size="20MB", **kwargs)
     record["growth_bytes"] = (memory_kib("VmHWM") - before) * 1024
     record["largest_parameter_bytes"] = rows * cols * 4
     record["model_bytes"] = layers * rows * cols * 4
+    return record
+
+
+def memory(rank, world, mesh, root):
+    return _memory(mesh, os.path.join(root, "memory"))
+
+
+def memory_writer_rank_zero(rank, world, mesh, root):
+    return _memory(mesh, os.path.join(root, "memory_writer0"), writer_ranks=[0])
+
+
+def unsendable_piece(rank, world, mesh, root):
+    """A Shard(0) DTensor whose piece on rank 0 is not contiguous: it
+    cannot be sent from where it lies, so every rank gathers it instead;
+    the ranks must agree on that. The full tensor is full_tensor(4, (6, 8))."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    full = full_tensor(4, (6, 8))
+    rows = -(-6 // world)
+    local = full[rank * rows:(rank + 1) * rows].clone()
+    if rank == 0:
+        local = local.t().contiguous().t()  # the same values, column-major
+    state = {
+        "rows": DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=full.shape,
+                                   stride=full.stride()),
+        "plain": full_tensor(5, (3,)),
+    }
+    record = {"contiguous": local.is_contiguous()}
+    save(record, state, os.path.join(root, "unsendable"), max_shard_size=64)
     return record
 
 
@@ -202,27 +231,27 @@ def _failing_setup(rank, world, mesh, root, name):
 
 
 def failure_in_gather(rank, world, mesh, root):
-    """The last rank's third gather raises before its collective."""
+    """The last rank's third receive of a piece raises before it receives."""
     from trinity_stream_saver import distributed
 
     folder, before = _failing_setup(rank, world, mesh, root, "fail_gather")
     model = fsdp_llama(mesh)
-    original = distributed._full_tensor
+    original = distributed._receive
     calls = [0]
 
-    def failing_full_tensor(tensor):
+    def failing_receive(*args):
         calls[0] += 1
         if calls[0] == 3:
             raise RuntimeError("injected failure in the third gather")
-        return original(tensor)
+        return original(*args)
 
     if rank == world - 1:
-        distributed._full_tensor = failing_full_tensor
+        distributed._receive = failing_receive
     record = {}
     try:
         save(record, model, folder, max_shard_size="60KB")
     finally:
-        distributed._full_tensor = original
+        distributed._receive = original
     torch.distributed.barrier()
     record["before"], record["after"] = before, snapshot(folder)
     return record
@@ -278,7 +307,7 @@ def failure_differing_shapes(rank, world, mesh, root):
 
 SCENARIOS = {
     2: [fsdp_round_trip, fsdp_tied_bf16, tensor_parallel_mapping, fsdp_state_dict_mapping,
-        writer_rank_zero, memory, failure_in_gather, failure_in_write, failure_unstorable_dtype, failure_differing_shapes],
+        writer_rank_zero, memory, memory_writer_rank_zero, unsendable_piece, failure_in_gather, failure_in_write, failure_unstorable_dtype, failure_differing_shapes],
     3: [fsdp_round_trip, failure_in_gather],
 }
 

@@ -4,8 +4,8 @@ writing its share of the shard files.
 
 This module orchestrates only: which tensors are saved (state dict order,
 tied weights once), the plan every rank computes alike, which rank writes
-which file, gathering each DTensor in the same order on every rank, and
-the agreement between ranks at each phase. The bytes are written by the C++
+which file, how each tensor reaches the rank that writes it, and the
+agreement between ranks at each phase. The bytes are written by the C++
 core's phases (``_C.ShardedWriter``, ``_C.finish_sharded_checkpoint``).
 
 A save runs in four phases, each closed by one exchange among all ranks
@@ -15,9 +15,12 @@ any rank is raised on every rank, naming it, before the next phase starts
 
 1. prepare (local): arguments, the tensors, the plan, the assignment.
    Ranks whose plans differ are a failure here.
-2. write: every rank gathers every tensor in order; writers write their
-   files under temporary names. A rank that fails keeps gathering (without
-   writing) so that the other ranks are not left waiting in a collective.
+2. write: every rank sends its piece of each sharded tensor to the rank
+   that writes it (point to point, on CPU process groups; layouts that
+   cannot be sent so are gathered on every rank, in order), and writers
+   write their files under temporary names, all at once. A rank that
+   fails still receives what was sent to it and makes the remaining
+   collectives (without writing), so that no rank is left waiting.
 3. commit: the temporary files take their final names.
 4. finish (the first writer rank): the index, then config.json.
 Until phase 3 a failure leaves the folder as it was (a folder the save
@@ -42,10 +45,11 @@ from ._sharded import ShardPlan, plan_shards
 
 try:
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # a torch built without distributed support
     dist = None
     DTensor = None
+    Shard = None
 
 
 class DistributedSaveError(Exception):
@@ -78,6 +82,9 @@ class _Ranks:
                 "torch.distributed.init_process_group() first, or pass process_group=None."
             )
         self.group = process_group
+        # The group object point-to-point calls name (None is the default
+        # group, which they do not accept for every call).
+        self.resolved_group = (process_group or dist.group.WORLD) if self.distributed else None
         self.rank = dist.get_rank(process_group) if self.distributed else 0
         self.size = dist.get_world_size(process_group) if self.distributed else 1
 
@@ -269,8 +276,81 @@ def assign_files(plan: ShardPlan, writers: Sequence[int]) -> dict[int, list[str]
 
 
 # --------------------------------------------------------------------------
-# Gathering.
+# How each tensor reaches the rank that writes it.
 # --------------------------------------------------------------------------
+
+# An entry that is not a DTensor: every rank has it whole; its writer
+# writes its own copy.
+_LOCAL = "local"
+# A CPU DTensor split along one dimension of a one-dimensional mesh over the
+# save's ranks (FSDP2's Shard(0), tensor parallel Shard(d)): each rank
+# sends its piece to the writer alone, point to point.
+_SENT = "sent"
+# Any other DTensor (GPU, several mesh dimensions, a piece that is not the
+# chunk torch.chunk would give): gathered on every rank, a collective.
+_GATHERED = "gathered"
+
+
+def _piece(extent: int, rank: int, ranks: int) -> tuple[int, int]:
+    """[start, stop) of `rank`'s piece of a dimension of `extent` split
+    over `ranks` as DTensor's Shard does (torch.chunk: ceil(extent/ranks)
+    each, the last ranks short or empty)."""
+    size = -(-extent // ranks)
+    start = min(rank * size, extent)
+    return start, min(start + size, extent)
+
+
+def _sent_dim(tensor: torch.Tensor, group_ranks: list[int]) -> Optional[int]:
+    """The dimension a tensor is split along if its pieces can be sent
+    point to point (see _SENT); None if not."""
+    if DTensor is None or not isinstance(tensor, DTensor) or tensor.dim() == 0:
+        return None
+    mesh = tensor.device_mesh
+    if mesh.ndim != 1 or mesh.device_type != "cpu" or len(tensor.placements) != 1:
+        return None
+    placement = tensor.placements[0]
+    # Exactly Shard: _StridedShard (FSDP2 over tensor parallel) is a
+    # subclass whose pieces are interleaved.
+    if type(placement) is not Shard:
+        return None
+    if dist.get_process_group_ranks(mesh.get_group()) != group_ranks:
+        return None
+    return placement.dim % tensor.dim()
+
+
+def _is_expected_piece(tensor, dim: int, rank: int, ranks: int) -> bool:
+    """Whether this rank's piece of `tensor` is the chunk _piece gives, and
+    contiguous (so that it is sent from where it lies)."""
+    local = tensor._local_tensor
+    start, stop = _piece(tensor.shape[dim], rank, ranks)
+    expected = list(tensor.shape)
+    expected[dim] = stop - start
+    return list(local.shape) == expected and local.is_contiguous()
+
+
+def _layouts(entries, ranks: "_Ranks") -> tuple[list[str], list[int]]:
+    """The layout of each entry as this rank sees it, and the indices of
+    the entries this rank cannot send point to point (a local piece that
+    is not the expected chunk). The ranks exchange those indices and
+    gather those entries instead (_agreed_layouts)."""
+    group_ranks = dist.get_process_group_ranks(ranks.resolved_group) if ranks.distributed else []
+    layouts, unsendable = [], []
+    for index, (_, tensor) in enumerate(entries):
+        dim = _sent_dim(tensor, group_ranks) if ranks.distributed else None
+        if dim is not None:
+            layouts.append(_SENT)
+            if not _is_expected_piece(tensor, dim, ranks.rank, ranks.size):
+                unsendable.append(index)
+        elif DTensor is not None and isinstance(tensor, DTensor):
+            layouts.append(_GATHERED)
+        else:
+            layouts.append(_LOCAL)
+    return layouts, unsendable
+
+
+def _agreed_layouts(layouts: list[str], unsendable_by_rank: list[list[int]]) -> list[str]:
+    unsendable = {index for indices in unsendable_by_rank for index in indices}
+    return [_GATHERED if index in unsendable else layout for index, layout in enumerate(layouts)]
 
 
 class _PinnedRing:
@@ -301,24 +381,74 @@ class _PinnedRing:
         return view, done
 
 
+class _Buffer:
+    """One CPU buffer, grown to the largest tensor asked of it and reused:
+    the writer (without overlap) has written and released a tensor before
+    it asks for the next, so one buffer holds them all in turn, and its
+    pages are touched once rather than once a tensor."""
+
+    def __init__(self):
+        self._bytes: Optional[torch.Tensor] = None
+
+    def view(self, dtype: torch.dtype, shape) -> torch.Tensor:
+        nbytes = dtype.itemsize * _numel(shape)
+        if self._bytes is None or self._bytes.numel() < nbytes:
+            self._bytes = None  # the old one is freed before the new is made
+            self._bytes = torch.empty(nbytes, dtype=torch.uint8)
+        return self._bytes[:nbytes].view(dtype).view(shape)
+
+
 class _Gatherer:
-    """Iterates the tensors this rank writes, as CPU tensors, while making
-    every rank's collectives: each entry is gathered (_full_tensor)
-    in order whether this rank writes it or not, and dropped if not.
+    """Iterates the tensors this rank writes, as CPU tensors, in state dict
+    order, each whole.
 
-    It remembers how far it got, so that after a failure ``drain()`` makes
-    the remaining collectives and the other ranks are not left waiting."""
+    _SENT entries: ``post_sends()`` first sends this rank's piece of every
+    entry another rank writes (non-blocking, from the parameter's own
+    memory); the writer receives the pieces of its entries into one reused
+    buffer. So a rank receives only what it writes, and ranks write
+    their files at the same time. _GATHERED entries are collectives that
+    every rank makes in order, whether it writes the entry or not.
 
-    def __init__(self, entries, mine: set, dtype, sizes: dict, ring_bytes: int, bar):
+    It remembers how far it got, so that after a failure ``drain()``
+    receives what was sent to this rank and makes the remaining
+    collectives: no rank is left waiting on this one."""
+
+    def __init__(self, entries, layouts, writer_of: dict, rank: int, group, dtype, sizes: dict,
+                 ring_bytes: int, bar):
         self._entries = entries
-        self._sizes = sizes
-        self._mine = mine
+        self._layouts = layouts
+        self._writer_of = writer_of
+        self._rank = rank
+        self._group = group
         self._dtype = dtype
+        self._sizes = sizes
         self._ring_bytes = ring_bytes
         self._ring: Optional[_PinnedRing] = None
+        self._received = _Buffer()  # the whole tensor, pieces received into it
+        self._piece = _Buffer()  # a piece split along another dimension than 0
+        self._cast = _Buffer()
         self._bar = bar
-        self._position = 0  # the next entry whose collective has not run
+        self._writing = True
+        self._sends: list = []
+        self._position = 0  # the next entry not yet received or gathered
         self._ahead = None  # (name, tensor, event or None): gathered, not yet yielded
+
+    def post_sends(self) -> None:
+        for index, (name, tensor) in enumerate(self._entries):
+            writer = self._writer_of.get(name)
+            if self._layouts[index] != _SENT or writer == self._rank:
+                continue
+            local = tensor._local_tensor.detach()
+            if local.numel() > 0:
+                self._sends.append(dist.isend(
+                    local, dst=dist.get_global_rank(self._group, writer), group=self._group,
+                    tag=index))
+
+    def wait_for_sends(self) -> None:
+        """Once every rank has received what it writes (or drained)."""
+        sends, self._sends = self._sends, []
+        for send in sends:
+            send.wait()
 
     def __iter__(self) -> Iterator:
         return self
@@ -338,25 +468,40 @@ class _Gatherer:
         return name, tensor
 
     def drain(self) -> None:
-        """The collectives of the entries not yet gathered, nothing written."""
+        """What is left to receive and gather, nothing written."""
         self._ahead = None
-        self._mine = set()
+        self._writing = False
         while self._next_mine() is not None:
             pass
 
     def _next_mine(self):
         while self._position < len(self._entries):
-            name, tensor = self._entries[self._position]
-            full = self._gather(tensor)
-            # Counted once the collective ran: a drain after a failure
-            # starts at the first collective this rank has not made.
+            index = self._position
+            name, tensor = self._entries[index]
+            layout = self._layouts[index]
+            mine = self._writer_of.get(name) == self._rank
+            if layout == _GATHERED:
+                full = _full_tensor(tensor)
+            elif layout == _SENT and mine:
+                full = _receive(tensor, index, self._rank, self._group, self._received, self._piece)
+            elif mine:
+                full = tensor.detach()
+            else:
+                full = None  # sent already, or the writer has its own copy
+            # Counted once received or gathered: a drain after a failure
+            # starts at the first entry this rank has not.
             self._position += 1
-            if self._bar is not None:
-                self._bar.update(self._sizes[name])
-            if name not in self._mine:
+            if not (mine and self._writing):
                 del full
                 continue
-            full = full.to(_saved_dtype(full, self._dtype))
+            if self._bar is not None:
+                self._bar.update(self._sizes[name])
+            saved = _saved_dtype(full, self._dtype)
+            if saved != full.dtype:
+                if full.device.type == "cpu":
+                    full = self._cast.view(saved, full.shape).copy_(full)
+                else:
+                    full = full.to(saved)
             if full.device.type == "cuda":
                 if self._ring is None:
                     self._ring = _PinnedRing(self._ring_bytes)
@@ -367,41 +512,65 @@ class _Gatherer:
             return name, full, None
         return None
 
-    @staticmethod
-    def _gather(tensor: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            if DTensor is not None and isinstance(tensor, DTensor):
-                return _full_tensor(tensor)
-            return tensor.detach()
+
+def _receive(tensor, index: int, rank: int, group, whole: _Buffer, piece: _Buffer) -> torch.Tensor:
+    """The whole of a _SENT entry on its writer: its own piece copied, the
+    others' received (tag: the entry's index) into `whole`."""
+    with torch.no_grad():
+        local = tensor._local_tensor
+        dim = tensor.placements[0].dim % tensor.dim()
+        ranks = dist.get_world_size(group)
+        extent = tensor.shape[dim]
+        if local.shape == tensor.shape:
+            return local  # the other pieces are empty (one rank)
+        full = whole.view(tensor.dtype, tensor.shape)
+        receives = []
+        for source in range(ranks):
+            start, stop = _piece(extent, source, ranks)
+            part = full.narrow(dim, start, stop - start)
+            if part.numel() == 0:
+                continue
+            if source == rank:
+                part.copy_(local)
+                continue
+            target = part if dim == 0 else piece.view(tensor.dtype, part.shape)
+            receive = dist.irecv(target, src=dist.get_global_rank(group, source), group=group,
+                                 tag=index)
+            if dim == 0:
+                receives.append(receive)  # rows: each piece lands in place
+            else:
+                receive.wait()  # columns: one piece at a time through `piece`
+                part.copy_(target)
+        for receive in receives:
+            receive.wait()
+        return full
 
 
 def _full_tensor(tensor) -> torch.Tensor:
     """The whole of a DTensor, on every rank (a collective).
 
-    FSDP2's layout, one mesh dimension and Shard(0), is gathered straight
-    into one buffer whose first rows are the tensor: full_tensor() gathers
-    into a padded buffer and then copies the tensor out of it, holding the
-    parameter twice at its peak. Any other layout goes through
-    full_tensor()."""
-    placements = tensor.placements
-    mesh = tensor.device_mesh
-    if mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0) or tensor.dim() == 0:
-        return tensor.full_tensor()
-    group = mesh.get_group()
-    rows = tensor.shape[0]
-    # Shard(0) splits as torch.chunk does: ceil(rows / ranks) rows a rank,
-    # the last ranks short or empty; each is padded to that size here.
-    chunk = -(-rows // group.size())
-    local = tensor.to_local()
-    if local.shape[0] != chunk or not local.is_contiguous():
-        padded = local.new_zeros((chunk, *tensor.shape[1:]))
-        padded[: local.shape[0]] = local
-        local = padded
-    gathered = local.new_empty((chunk * group.size(), *tensor.shape[1:]))
-    # all_gather_single is all_gather_into_tensor's name from torch 2.13 on.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(gathered, local, group=group)
-    return gathered[:rows]
+    One mesh dimension and Shard(0) is gathered straight into one buffer
+    whose first rows are the tensor: full_tensor() gathers into a padded
+    buffer and then copies the tensor out of it, holding the parameter
+    twice at its peak. Any other layout goes through full_tensor()."""
+    with torch.no_grad():
+        placements = tensor.placements
+        mesh = tensor.device_mesh
+        if mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0) or tensor.dim() == 0:
+            return tensor.full_tensor()
+        group = mesh.get_group()
+        rows = tensor.shape[0]
+        chunk = -(-rows // group.size())
+        local = tensor.to_local()
+        if local.shape[0] != chunk or not local.is_contiguous():
+            padded = local.new_zeros((chunk, *tensor.shape[1:]))
+            padded[: local.shape[0]] = local
+            local = padded
+        gathered = local.new_empty((chunk * group.size(), *tensor.shape[1:]))
+        # all_gather_single is all_gather_into_tensor's name from torch 2.13 on.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(gathered, local, group=group)
+        return gathered[:rows]
 
 
 # --------------------------------------------------------------------------
@@ -410,17 +579,23 @@ def _full_tensor(tensor) -> torch.Tensor:
 
 
 class _Prepared:
-    def __init__(self, entries, plan, files, coordinator, extra, sizes):
+    def __init__(self, entries, plan, files_of: dict, rank, coordinator, extra, sizes, layouts,
+                 unsendable):
         self.entries = entries
         self.plan = plan
-        self.files = files  # this rank's files
+        self.files = files_of.get(rank, [])  # this rank's files
+        self.writer_of = {  # tensor name -> the rank that writes it
+            name: writer for writer, files in files_of.items() for file in files
+            for name in plan.filename_to_tensors[file]
+        }
         self.coordinator = coordinator  # the rank that writes the index and config
         self.extra = extra
         self.sizes = sizes  # bytes saved of each tensor
-        self.largest_mine = max((sizes[name] for name in self.mine_names()), default=0)
-
-    def mine_names(self) -> set:
-        return {name for file in self.files for name in self.plan.filename_to_tensors[file]}
+        mine = [sizes[name] for name, owner in self.writer_of.items() if owner == rank]
+        self.largest_mine = max(mine, default=0)
+        self.bytes_mine = sum(mine)
+        self.layouts = layouts  # this rank's view until the ranks agree (_agreed_layouts)
+        self.unsendable = unsendable
 
 
 def _prepare(model, directory, max_shard_size, filename_pattern, metadata, dtype, writer_ranks,
@@ -436,7 +611,9 @@ def _prepare(model, directory, max_shard_size, filename_pattern, metadata, dtype
     sizes = {
         name: _saved_dtype(tensor, dtype).itemsize * _numel(tensor.shape) for name, tensor in entries
     }
-    prepared = _Prepared(entries, plan, files.get(ranks.rank, []), writers[0], extra, sizes)
+    layouts, unsendable = _layouts(entries, ranks)
+    prepared = _Prepared(entries, plan, files, ranks.rank, writers[0], extra, sizes, layouts,
+                         unsendable)
     # What must be equal on every rank for the plan and assignment to be:
     # ranks that disagree would write a checkpoint of two different models.
     digest = hashlib.sha256(
@@ -491,14 +668,27 @@ def save_model_streaming(
 
     When torch.distributed is initialised this is a collective: every rank
     of `process_group` (the default group when None) calls it with the same
-    arguments. Each DTensor (FSDP2's ``fully_shard``, or tensor parallel
-    ``Shard(dim)``) is gathered on every rank, one at a time in state dict
-    order (FSDP2's ``Shard(0)`` straight into one buffer, other layouts with
-    ``full_tensor()``); the shard files are shared among the writer
-    ranks, balanced by bytes, and each rank writes only its files. By
-    default every rank writes, so every rank must see the same
+    arguments. The shard files are shared among the writer ranks, balanced
+    by bytes, and each rank writes only its files, all ranks at once. Each
+    DTensor reaches the rank that writes it whole, one at a time in state
+    dict order:
+
+    - on CPU, split along one dimension of a one-dimensional mesh over the
+      process group (FSDP2's ``fully_shard``, tensor parallel
+      ``Shard(dim)``): every rank sends its piece to the writer alone,
+      point to point, from the parameter's own memory; the writer receives
+      the pieces into one reused buffer. A rank holds at most its largest
+      tensor, and receives only what it writes;
+    - any other layout (GPU tensors, several mesh dimensions): gathered on
+      every rank (FSDP2's ``Shard(0)`` straight into one buffer, others
+      with ``full_tensor()``), then dropped where not written.
+
+    By default every rank writes, so every rank must see the same
     ``save_directory`` (a shared filesystem); without one pass
-    ``writer_ranks=[0]``. Without torch.distributed it saves in this process.
+    ``writer_ranks=[0]``. A rank that has finished waits for the others
+    at the end of the writing, as in torch.distributed.checkpoint: the
+    slowest rank's share must be written within the process group's
+    timeout. Without torch.distributed it saves in this process.
 
     Args:
         model: an ``nn.Module`` (plain, FSDP2-sharded or tensor parallel,
@@ -511,12 +701,14 @@ def save_model_streaming(
             ``save_sharded_streaming``. Only as many ranks write as there
             are files: lower ``max_shard_size`` for more files.
         dtype: cast floating point tensors to it (e.g. torch.bfloat16)
-            after gathering; other tensors keep their dtype.
+            on the rank that writes them, once whole; other tensors keep
+            their dtype.
         process_group: the ranks that save; ``writer_ranks`` are ranks in it.
         writer_ranks: the ranks that write files (all when None). The first
             of them writes the index and config.json once every rank has
             succeeded.
-        progress: a tqdm bar in bytes gathered, on the first writer rank.
+        progress: a tqdm bar, on the first writer rank, in the bytes that
+            rank writes.
 
     Returns:
         The index's path, or the single file's path (the same on every rank).
@@ -526,9 +718,11 @@ def save_model_streaming(
         failing ranks and their errors; in a single process, the error
         itself (TypeError, ValueError, OSError). A failure before the
         renames leaves the folder as it was, with no temporary files and no
-        index (a folder the save created stays, empty). GPU tensors reach the CPU through two pinned buffers of the
-        largest tensor this rank writes, copied without blocking while the
-        previous tensor is written.
+        index (a folder the save created stays, empty).
+
+    GPU tensors reach the CPU through two pinned buffers of the largest
+    tensor this rank writes, copied without blocking while the previous
+    tensor is written.
     """
     ranks = _Ranks(process_group)
 
@@ -541,7 +735,9 @@ def save_model_streaming(
                                     dtype, writer_ranks, ranks)
     except Exception as caught:
         error = caught
-    digests = _phase(ranks, "preparing", error, digest)
+    reports = _phase(ranks, "preparing", error,
+                     (digest, prepared.unsendable if prepared is not None else []))
+    digests = [digest for digest, _ in reports]
     differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
     if differing:
         failures = {
@@ -557,32 +753,42 @@ def save_model_streaming(
         )
     plan = prepared.plan
     coordinator = ranks.rank == prepared.coordinator
+    layouts = _agreed_layouts(prepared.layouts, [unsendable for _, unsendable in reports])
 
-    # Phase 2: write (every rank gathers every tensor).
+    # Phase 2: write (each rank receives the pieces of what it writes).
     bar = None
     writer = None
     gatherer = None
     error = None
     try:
         if progress and coordinator:
-            bar = _progress_bar(plan.metadata["total_size"], os.path.basename(os.path.normpath(directory)))
-        gatherer = _Gatherer(prepared.entries, prepared.mine_names(), dtype, prepared.sizes,
-                             prepared.largest_mine, bar)
+            bar = _progress_bar(prepared.bytes_mine, os.path.basename(os.path.normpath(directory)))
+        gatherer = _Gatherer(prepared.entries, layouts, prepared.writer_of, ranks.rank,
+                             ranks.resolved_group, dtype, prepared.sizes, prepared.largest_mine, bar)
+        gatherer.post_sends()
         if prepared.files or coordinator:
             os.makedirs(directory, exist_ok=True)
         if prepared.files:
             writer = _C.ShardedWriter(plan._plan, os.fsencode(directory), prepared.files,
                                       prepared.extra, bool(fsync), False)
             writer.write(gatherer)
-        else:
-            gatherer.drain()
+        # The collectives after this rank's last tensor (none when the
+        # writer asked for the end of the iteration, as it does).
+        gatherer.drain()
+        # They complete as the other ranks receive, which they do before
+        # their own exchange below.
+        gatherer.wait_for_sends()
     except Exception as caught:
         error = caught
         if gatherer is not None:
-            try:
-                gatherer.drain()
-            except Exception:
-                pass  # the first error is the one to report
+            # What was sent to this rank is received, the collectives are
+            # made, and this rank's sends complete: no rank is left waiting
+            # (a broken process group ends at its timeout instead).
+            for finish in (gatherer.drain, gatherer.wait_for_sends):
+                try:
+                    finish()
+                except Exception:
+                    pass  # the first error is the one to report
     finally:
         if bar is not None:
             bar.close()
