@@ -5,8 +5,9 @@ ways, to tmpfs.
       [--json results-distributed.json]
 
 Methods (each round, each method in fresh rank processes):
-  ours            save_model_streaming: every rank gathers every parameter,
-                  each rank writes its share of the shards (max 100MB each).
+  ours            save_model_streaming: each rank writes its share of the
+                  shards (max 100MB each), receiving from the other ranks
+                  (point to point) the pieces of the parameters it writes.
   trinity         Trinity-RFT's pattern: every rank gathers every parameter
                   (full_tensor()), rank 0 streams them into one file with
                   save_safetensors_streaming.
@@ -228,9 +229,30 @@ def main() -> None:
         written = statistics.median(r["bytes_written"] for r in runs) / MIB
         summary[method] = {"median_s": seconds, "rank_rss_growth_mib": growth, "written_mib": written}
         print(f"| {method} | {seconds:.2f} | {' / '.join(f'{g:.0f}' for g in growth)} | {written:.0f} |")
+    targets = _targets(summary, first["largest_mib"])
+    for line in targets:
+        print(line)
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"argv": sys.argv, "runs": results, "summary": summary}, file, indent=1)
+            json.dump({"argv": sys.argv, "runs": results, "summary": summary, "targets": targets},
+                      file, indent=1)
+
+
+def _targets(summary: dict, largest_mib: float) -> list[str]:
+    """The issue's targets, judged on the medians of this run."""
+    lines = []
+    if "ours" not in summary:
+        return lines
+    ours = summary["ours"]
+    if len(summary) > 1:
+        fastest = min(summary, key=lambda method: summary[method]["median_s"])
+        lines.append(f"target: ours is the fastest of {len(summary)}: "
+                     f"{'PASS' if fastest == 'ours' else 'FAIL'} (fastest: {fastest})")
+    bound = largest_mib + 64
+    growth = ours["rank_rss_growth_mib"][0]
+    lines.append(f"target: ours' rank-0 peak growth <= largest parameter + 64 MiB = {bound:.1f} MiB: "
+                 f"{'PASS' if growth <= bound else 'FAIL'} ({growth:.0f} MiB)")
+    return lines
 
 
 if __name__ == "__main__":
