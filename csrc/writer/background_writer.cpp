@@ -170,14 +170,23 @@ void BackgroundWriter::collect() {
     written.swap(written_);
     error = error_;
   }
+  // Every written job is taken back before any error is raised, so that
+  // the count of held tensors and the spare buffers stay true after one.
+  std::exception_ptr changed;
   for (Job& job : written) {
     if (job.owned.data) {
       spare_.push_back(std::move(job.owned));
-    } else {
-      --held_;
+      continue;
+    }
+    --held_;
+    if (changed) continue;  // the first tensor found changed is the one named
+    try {
       check_unchanged(job.held);
+    } catch (...) {
+      changed = std::current_exception();
     }
   }
+  if (changed) std::rethrow_exception(changed);
   if (error) std::rethrow_exception(error);
 }
 

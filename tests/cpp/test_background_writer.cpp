@@ -97,6 +97,28 @@ TEST(BackgroundWriter, ReportsATensorModifiedInPlaceWhileHeld) {
   }
 }
 
+TEST(BackgroundWriter, TakesBackEveryWrittenTensorWhenOneWasModified) {
+  ScratchDir dir;
+  const std::int64_t size = std::int64_t{128} << 20;
+  TensorWriter writer(dir.file("f.tmp"), {{"a", "U8", {size}}, {"b", "U8", {size}}}, std::nullopt);
+  BackgroundWriter background(writer, std::uint64_t{1} << 40, {});
+  at::Tensor a = at::zeros({size}, at::kByte);
+  at::Tensor b = at::zeros({size}, at::kByte);
+  try {
+    background.write("a", a);
+    background.write("b", b);
+    a.fill_(1);  // both reused while queued or being written
+    b.fill_(1);
+    background.finish();
+    FAIL() << "no error";
+  } catch (const ValueError& error) {
+    // 'a', unless it was written and taken back before it was modified.
+    EXPECT_NE(std::string(error.what()).find("was modified in place"), std::string::npos)
+        << error.what();
+  }
+  EXPECT_EQ(background.held_tensors(), 0u);
+}
+
 TEST(BackgroundWriter, RunsTheWaitHookWhileTheWorkerIsBusyAndLetsItStopTheWait) {
   ScratchDir dir;
   // 1 GiB from a tensor in C order: far longer than one wait slice.
