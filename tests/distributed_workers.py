@@ -305,9 +305,74 @@ def failure_differing_shapes(rank, world, mesh, root):
     return record
 
 
+def failure_wrong_piece(rank, world, mesh, root):
+    """A Shard(0) DTensor whose pieces are not torch.chunk's (rank 0 holds
+    one row more than its share)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    folder = os.path.join(root, "fail_piece")
+    os.makedirs(folder, exist_ok=True)
+    torch.distributed.barrier()
+    rows = [4, 2] if rank < 2 else [0]
+    local = full_tensor(6, (rows[min(rank, 1)], 3))
+    state = {"uneven": DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
+                                          shape=torch.Size([6, 3]), stride=(3, 1))}
+    record = {}
+    save(record, state, folder)
+    torch.distributed.barrier()
+    record["after"] = snapshot(folder)
+    return record
+
+
+def failure_differing_layouts(rank, world, mesh, root):
+    """Rank 0 holds "w" as a DTensor, the others as a plain tensor."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    folder = os.path.join(root, "fail_layouts")
+    os.makedirs(folder, exist_ok=True)
+    torch.distributed.barrier()
+    whole = full_tensor(7, (4, 4))
+    # from_local, not distribute_tensor: that is a collective itself.
+    rows = -(-4 // world)
+    piece = DTensor.from_local(whole[rank * rows:(rank + 1) * rows], mesh, [Shard(0)],
+                               run_check=False, shape=whole.shape, stride=whole.stride())
+    state = {"w": piece if rank == 0 else whole}
+    record = {}
+    save(record, state, folder)
+    torch.distributed.barrier()
+    record["after"] = snapshot(folder)
+    return record
+
+
+def failure_in_progress_bar(rank, world, mesh, root):
+    """The progress bar of rank 0 (the coordinator) cannot be made, after
+    the pieces were sent: the other ranks must not wait for rank 0."""
+    from trinity_stream_saver import distributed
+
+    folder = os.path.join(root, "fail_progress")
+    os.makedirs(folder, exist_ok=True)
+    torch.distributed.barrier()
+    original = distributed._progress_bar
+
+    def failing_progress_bar(*args):
+        raise ImportError("injected: no tqdm")
+
+    if rank == 0:
+        distributed._progress_bar = failing_progress_bar
+    record = {}
+    try:
+        save(record, fsdp_llama(mesh), folder, max_shard_size="100KB", progress=True)
+    finally:
+        distributed._progress_bar = original
+    torch.distributed.barrier()
+    record["after"] = snapshot(folder)
+    return record
+
+
 SCENARIOS = {
     2: [fsdp_round_trip, fsdp_tied_bf16, tensor_parallel_mapping, fsdp_state_dict_mapping,
-        writer_rank_zero, memory, memory_writer_rank_zero, unsendable_piece, failure_in_gather, failure_in_write, failure_unstorable_dtype, failure_differing_shapes],
+        writer_rank_zero, memory, memory_writer_rank_zero, unsendable_piece, failure_in_gather, failure_in_write, failure_unstorable_dtype, failure_differing_shapes,
+        failure_wrong_piece, failure_differing_layouts, failure_in_progress_bar],
     3: [fsdp_round_trip, failure_in_gather],
 }
 

@@ -377,3 +377,33 @@ def test_ranks_whose_tensors_differ_fail_every_rank_before_writing(world2):
         assert list(error["failures"]) == ["1"]
         assert "differ from rank 0's" in error["message"]
         assert record["after"] == {}
+
+
+def test_a_piece_of_another_shape_than_shard_gives_fails_every_rank_naming_it(world2):
+    for rank, record in enumerate(scenario(world2, "failure_wrong_piece")):
+        error = record["error"]
+        assert error["type"] == "DistributedSaveError", rank
+        assert sorted(error["failures"]) == ["0", "1"]
+        assert "tensor 'uneven'" in error["message"]
+        assert "rank 0 holds a piece of shape [4, 3] where Shard(0) gives [3, 3]" in error["message"]
+        assert record["after"] == {}
+
+
+def test_ranks_that_shard_a_tensor_differently_fail_every_rank_before_writing(world2):
+    for rank, record in enumerate(scenario(world2, "failure_differing_layouts")):
+        error = record["error"]
+        assert error["type"] == "DistributedSaveError", rank
+        assert list(error["failures"]) == ["1"]
+        assert "how they are sharded" in error["message"]
+        assert record["after"] == {}
+
+
+def test_a_rank_failing_after_sending_its_pieces_leaves_no_rank_waiting(world2):
+    # Within the gloo timeout (60 s) the others would have raised a gloo
+    # timeout instead of this error.
+    for rank, record in enumerate(scenario(world2, "failure_in_progress_bar")):
+        error = record["error"]
+        assert error["type"] == "DistributedSaveError", rank
+        assert list(error["failures"]) == ["0"]
+        assert "rank 0: ImportError: injected: no tqdm" in error["message"]
+        assert record["after"] == {}

@@ -286,8 +286,8 @@ _LOCAL = "local"
 # save's ranks (FSDP2's Shard(0), tensor parallel Shard(d)): each rank
 # sends its piece to the writer alone, point to point.
 _SENT = "sent"
-# Any other DTensor (GPU, several mesh dimensions, a piece that is not the
-# chunk torch.chunk would give): gathered on every rank, a collective.
+# Any other DTensor (GPU, several mesh dimensions, or a piece that is not
+# contiguous on some rank): gathered on every rank, a collective.
 _GATHERED = "gathered"
 
 
@@ -318,28 +318,37 @@ def _sent_dim(tensor: torch.Tensor, group_ranks: list[int]) -> Optional[int]:
     return placement.dim % tensor.dim()
 
 
-def _is_expected_piece(tensor, dim: int, rank: int, ranks: int) -> bool:
-    """Whether this rank's piece of `tensor` is the chunk _piece gives, and
-    contiguous (so that it is sent from where it lies)."""
+def _check_piece(name: str, tensor, dim: int, rank: int, ranks: int) -> bool:
+    """Whether this rank's piece of `tensor` can be sent from where it
+    lies (it is contiguous). A piece of another shape than DTensor's
+    Shard(dim) gives (torch.chunk's) is an error: neither sending nor
+    gathering could put it in its place."""
     local = tensor._local_tensor
     start, stop = _piece(tensor.shape[dim], rank, ranks)
     expected = list(tensor.shape)
     expected[dim] = stop - start
-    return list(local.shape) == expected and local.is_contiguous()
+    if list(local.shape) != expected:
+        raise ValueError(
+            f"tensor {name!r} is a DTensor placed Shard({dim}) of shape {list(tensor.shape)}, "
+            f"but rank {rank} holds a piece of shape {list(local.shape)} where Shard({dim}) "
+            f"gives {expected} (torch.chunk's split over {ranks} ranks); make it with "
+            "distribute_tensor() or fully_shard(), or pass its full_tensor()."
+        )
+    return local.is_contiguous()
 
 
 def _layouts(entries, ranks: "_Ranks") -> tuple[list[str], list[int]]:
     """The layout of each entry as this rank sees it, and the indices of
-    the entries this rank cannot send point to point (a local piece that
-    is not the expected chunk). The ranks exchange those indices and
-    gather those entries instead (_agreed_layouts)."""
+    the entries whose piece this rank cannot send from where it lies (not
+    contiguous). The ranks exchange those indices and gather those entries
+    instead (_agreed_layouts)."""
     group_ranks = dist.get_process_group_ranks(ranks.resolved_group) if ranks.distributed else []
     layouts, unsendable = [], []
-    for index, (_, tensor) in enumerate(entries):
+    for index, (name, tensor) in enumerate(entries):
         dim = _sent_dim(tensor, group_ranks) if ranks.distributed else None
         if dim is not None:
             layouts.append(_SENT)
-            if not _is_expected_piece(tensor, dim, ranks.rank, ranks.size):
+            if not _check_piece(name, tensor, dim, ranks.rank, ranks.size):
                 unsendable.append(index)
         elif DTensor is not None and isinstance(tensor, DTensor):
             layouts.append(_GATHERED)
@@ -414,7 +423,7 @@ class _Gatherer:
     collectives: no rank is left waiting on this one."""
 
     def __init__(self, entries, layouts, writer_of: dict, rank: int, group, dtype, sizes: dict,
-                 ring_bytes: int, bar):
+                 ring_bytes: int):
         self._entries = entries
         self._layouts = layouts
         self._writer_of = writer_of
@@ -427,7 +436,7 @@ class _Gatherer:
         self._received = _Buffer()  # the whole tensor, pieces received into it
         self._piece = _Buffer()  # a piece split along another dimension than 0
         self._cast = _Buffer()
-        self._bar = bar
+        self.progress = None  # a tqdm bar advanced by the bytes of each tensor yielded
         self._writing = True
         self._sends: list = []
         self._position = 0  # the next entry not yet received or gathered
@@ -494,8 +503,8 @@ class _Gatherer:
             if not (mine and self._writing):
                 del full
                 continue
-            if self._bar is not None:
-                self._bar.update(self._sizes[name])
+            if self.progress is not None:
+                self.progress.update(self._sizes[name])
             saved = _saved_dtype(full, self._dtype)
             if saved != full.dtype:
                 if full.device.type == "cpu":
@@ -616,8 +625,10 @@ def _prepare(model, directory, max_shard_size, filename_pattern, metadata, dtype
                          unsendable)
     # What must be equal on every rank for the plan and assignment to be:
     # ranks that disagree would write a checkpoint of two different models.
+    # The layouts too: ranks that disagree on how a tensor is sharded would
+    # wait for pieces that never come.
     digest = hashlib.sha256(
-        repr((meta, _parse_size(max_shard_size), filename_pattern, writers, extra)).encode()
+        repr((meta, layouts, _parse_size(max_shard_size), filename_pattern, writers, extra)).encode()
     ).hexdigest()
     return prepared, digest
 
@@ -677,8 +688,9 @@ def save_model_streaming(
       process group (FSDP2's ``fully_shard``, tensor parallel
       ``Shard(dim)``): every rank sends its piece to the writer alone,
       point to point, from the parameter's own memory; the writer receives
-      the pieces into one reused buffer. A rank holds at most its largest
-      tensor, and receives only what it writes;
+      the pieces into one reused buffer. A rank holds its largest tensor
+      (and, with ``dtype``, its largest cast; with ``Shard(dim > 0)``, one
+      piece more), and receives only what it writes;
     - any other layout (GPU tensors, several mesh dimensions): gathered on
       every rank (FSDP2's ``Shard(0)`` straight into one buffer, others
       with ``full_tensor()``), then dropped where not written.
@@ -741,12 +753,12 @@ def save_model_streaming(
     differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
     if differing:
         failures = {
-            rank: "its tensors (names, dtypes, shapes) or arguments differ from rank 0's"
+            rank: "its tensors (names, dtypes, shapes, sharding) or arguments differ from rank 0's"
             for rank in differing
         }
         raise DistributedSaveError(
             f"save_model_streaming: ranks {', '.join(map(str, differing))} have tensors (names, "
-            "dtypes, shapes after tied weights are removed) or arguments (max_shard_size, "
+            "dtypes, shapes after tied weights are removed, how they are sharded) or arguments (max_shard_size, "
             "filename_pattern, writer_ranks, metadata, dtype) that differ from rank 0's; every "
             "rank must save the same model with the same arguments.",
             failures,
@@ -761,11 +773,14 @@ def save_model_streaming(
     gatherer = None
     error = None
     try:
+        # First, so that whatever fails after it, the other ranks get this
+        # rank's pieces.
+        gatherer = _Gatherer(prepared.entries, layouts, prepared.writer_of, ranks.rank,
+                             ranks.resolved_group, dtype, prepared.sizes, prepared.largest_mine)
+        gatherer.post_sends()
         if progress and coordinator:
             bar = _progress_bar(prepared.bytes_mine, os.path.basename(os.path.normpath(directory)))
-        gatherer = _Gatherer(prepared.entries, layouts, prepared.writer_of, ranks.rank,
-                             ranks.resolved_group, dtype, prepared.sizes, prepared.largest_mine, bar)
-        gatherer.post_sends()
+            gatherer.progress = bar
         if prepared.files or coordinator:
             os.makedirs(directory, exist_ok=True)
         if prepared.files:
