@@ -277,32 +277,31 @@ def failure_in_write(rank, world, mesh, root):
     return record
 
 
-def failure_unstorable_dtype(rank, world, mesh, root):
-    """The last rank's state dict holds a complex128 tensor."""
-    folder = os.path.join(root, "fail_dtype")
+def _failing_save(root, name: str, model, **kwargs) -> dict:
+    """Saves into a new empty folder `name` on every rank; records what
+    save() records and the folder afterwards."""
+    folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
     torch.distributed.barrier()
-    state = {"a": full_tensor(1, (4,)), "b": full_tensor(2, (4,))}
-    if rank == world - 1:
-        state["b"] = state["b"].to(torch.complex128)
     record = {}
-    save(record, state, folder)
+    save(record, model, folder, **kwargs)
     torch.distributed.barrier()
     record["after"] = snapshot(folder)
     return record
+
+
+def failure_unstorable_dtype(rank, world, mesh, root):
+    """The last rank's state dict holds a complex128 tensor."""
+    state = {"a": full_tensor(1, (4,)), "b": full_tensor(2, (4,))}
+    if rank == world - 1:
+        state["b"] = state["b"].to(torch.complex128)
+    return _failing_save(root, "fail_dtype", state)
 
 
 def failure_differing_shapes(rank, world, mesh, root):
     """The last rank's tensor "b" has another shape than the others'."""
-    folder = os.path.join(root, "fail_shapes")
-    os.makedirs(folder, exist_ok=True)
-    torch.distributed.barrier()
     state = {"a": full_tensor(1, (4,)), "b": full_tensor(2, (5 if rank == world - 1 else 4,))}
-    record = {}
-    save(record, state, folder)
-    torch.distributed.barrier()
-    record["after"] = snapshot(folder)
-    return record
+    return _failing_save(root, "fail_shapes", state)
 
 
 def failure_wrong_piece(rank, world, mesh, root):
@@ -310,38 +309,23 @@ def failure_wrong_piece(rank, world, mesh, root):
     one row more than its share)."""
     from torch.distributed.tensor import DTensor, Shard
 
-    folder = os.path.join(root, "fail_piece")
-    os.makedirs(folder, exist_ok=True)
-    torch.distributed.barrier()
     rows = [4, 2] if rank < 2 else [0]
     local = full_tensor(6, (rows[min(rank, 1)], 3))
     state = {"uneven": DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
                                           shape=torch.Size([6, 3]), stride=(3, 1))}
-    record = {}
-    save(record, state, folder)
-    torch.distributed.barrier()
-    record["after"] = snapshot(folder)
-    return record
+    return _failing_save(root, "fail_piece", state)
 
 
 def failure_differing_layouts(rank, world, mesh, root):
     """Rank 0 holds "w" as a DTensor, the others as a plain tensor."""
     from torch.distributed.tensor import DTensor, Shard
 
-    folder = os.path.join(root, "fail_layouts")
-    os.makedirs(folder, exist_ok=True)
-    torch.distributed.barrier()
     whole = full_tensor(7, (4, 4))
     # from_local, not distribute_tensor: that is a collective itself.
     rows = -(-4 // world)
     piece = DTensor.from_local(whole[rank * rows:(rank + 1) * rows], mesh, [Shard(0)],
                                run_check=False, shape=whole.shape, stride=whole.stride())
-    state = {"w": piece if rank == 0 else whole}
-    record = {}
-    save(record, state, folder)
-    torch.distributed.barrier()
-    record["after"] = snapshot(folder)
-    return record
+    return _failing_save(root, "fail_layouts", {"w": piece if rank == 0 else whole})
 
 
 def failure_in_progress_bar(rank, world, mesh, root):
@@ -349,9 +333,6 @@ def failure_in_progress_bar(rank, world, mesh, root):
     the pieces were sent: the other ranks must not wait for rank 0."""
     from trinity_stream_saver import distributed
 
-    folder = os.path.join(root, "fail_progress")
-    os.makedirs(folder, exist_ok=True)
-    torch.distributed.barrier()
     original = distributed._progress_bar
 
     def failing_progress_bar(*args):
@@ -359,14 +340,11 @@ def failure_in_progress_bar(rank, world, mesh, root):
 
     if rank == 0:
         distributed._progress_bar = failing_progress_bar
-    record = {}
     try:
-        save(record, fsdp_llama(mesh), folder, max_shard_size="100KB", progress=True)
+        return _failing_save(root, "fail_progress", fsdp_llama(mesh), max_shard_size="100KB",
+                             progress=True)
     finally:
         distributed._progress_bar = original
-    torch.distributed.barrier()
-    record["after"] = snapshot(folder)
-    return record
 
 
 SCENARIOS = {
