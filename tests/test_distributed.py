@@ -361,49 +361,43 @@ def test_a_rank_failing_to_write_raises_on_every_rank_and_removes_every_temporar
         assert record["committed"] == []
 
 
-def test_a_rank_with_an_unstorable_dtype_fails_every_rank_before_writing(world2):
-    for rank, record in enumerate(scenario(world2, "failure_unstorable_dtype")):
+def assert_every_rank_raised_and_wrote_nothing(world, name: str, failing: list[str], *texts):
+    """Every rank raised DistributedSaveError naming exactly the `failing`
+    ranks, with each of `texts` in its message, and the empty folder the
+    scenario saved into stayed empty."""
+    for rank, record in enumerate(scenario(world, name)):
         error = record["error"]
         assert error["type"] == "DistributedSaveError", rank
-        assert list(error["failures"]) == ["1"]
-        assert "rank 1: ValueError: tensor 'b' has dtype torch.complex128" in error["message"]
+        assert sorted(error["failures"]) == failing
+        for text in texts:
+            assert text in error["message"]
         assert record["after"] == {}
+
+
+def test_a_rank_with_an_unstorable_dtype_fails_every_rank_before_writing(world2):
+    assert_every_rank_raised_and_wrote_nothing(
+        world2, "failure_unstorable_dtype", ["1"],
+        "rank 1: ValueError: tensor 'b' has dtype torch.complex128")
 
 
 def test_ranks_whose_tensors_differ_fail_every_rank_before_writing(world2):
-    for rank, record in enumerate(scenario(world2, "failure_differing_shapes")):
-        error = record["error"]
-        assert error["type"] == "DistributedSaveError", rank
-        assert list(error["failures"]) == ["1"]
-        assert "differ from rank 0's" in error["message"]
-        assert record["after"] == {}
+    assert_every_rank_raised_and_wrote_nothing(
+        world2, "failure_differing_shapes", ["1"], "differ from rank 0's")
 
 
 def test_a_piece_of_another_shape_than_shard_gives_fails_every_rank_naming_it(world2):
-    for rank, record in enumerate(scenario(world2, "failure_wrong_piece")):
-        error = record["error"]
-        assert error["type"] == "DistributedSaveError", rank
-        assert sorted(error["failures"]) == ["0", "1"]
-        assert "tensor 'uneven'" in error["message"]
-        assert "rank 0 holds a piece of shape [4, 3] where Shard(0) gives [3, 3]" in error["message"]
-        assert record["after"] == {}
+    assert_every_rank_raised_and_wrote_nothing(
+        world2, "failure_wrong_piece", ["0", "1"], "tensor 'uneven'",
+        "rank 0 holds a piece of shape [4, 3] where Shard(0) gives [3, 3]")
 
 
 def test_ranks_that_shard_a_tensor_differently_fail_every_rank_before_writing(world2):
-    for rank, record in enumerate(scenario(world2, "failure_differing_layouts")):
-        error = record["error"]
-        assert error["type"] == "DistributedSaveError", rank
-        assert list(error["failures"]) == ["1"]
-        assert "how they are sharded" in error["message"]
-        assert record["after"] == {}
+    assert_every_rank_raised_and_wrote_nothing(
+        world2, "failure_differing_layouts", ["1"], "how they are sharded")
 
 
 def test_a_rank_failing_after_sending_its_pieces_leaves_no_rank_waiting(world2):
     # Within the gloo timeout (60 s) the others would have raised a gloo
     # timeout instead of this error.
-    for rank, record in enumerate(scenario(world2, "failure_in_progress_bar")):
-        error = record["error"]
-        assert error["type"] == "DistributedSaveError", rank
-        assert list(error["failures"]) == ["0"]
-        assert "rank 0: ImportError: injected: no tqdm" in error["message"]
-        assert record["after"] == {}
+    assert_every_rank_raised_and_wrote_nothing(
+        world2, "failure_in_progress_bar", ["0"], "rank 0: ImportError: injected: no tqdm")
