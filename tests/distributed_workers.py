@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import traceback
 
 import torch
@@ -257,6 +258,38 @@ def failure_in_gather(rank, world, mesh, root):
     return record
 
 
+def failure_mid_receive(rank, world, mesh, root):
+    """On the last rank, the second receive posted for one tensor raises,
+    after the first was posted: a drain must receive only the piece that
+    has not come (the other is sent once, and waiting for it again would
+    last until the gloo timeout)."""
+    folder, before = _failing_setup(rank, world, mesh, root, "fail_mid_receive")
+    model = fsdp_llama(mesh)
+    real_irecv = torch.distributed.irecv
+    posted: dict = {}
+
+    def failing_irecv(tensor, *args, tag=0, **kwargs):
+        posted[tag] = posted.get(tag, 0) + 1
+        if posted[tag] == 2 and "failed" not in posted:
+            posted["failed"] = tag
+            raise RuntimeError("injected failure in the second receive of a tensor")
+        return real_irecv(tensor, *args, tag=tag, **kwargs)
+
+    if rank == world - 1:
+        torch.distributed.irecv = failing_irecv
+    record = {}
+    start = time.monotonic()
+    try:
+        save(record, model, folder, max_shard_size="60KB")
+    finally:
+        torch.distributed.irecv = real_irecv
+    record["seconds"] = time.monotonic() - start
+    record["injected"] = "failed" in posted if rank == world - 1 else None
+    torch.distributed.barrier()
+    record["before"], record["after"] = before, snapshot(folder)
+    return record
+
+
 def failure_in_write(rank, world, mesh, root):
     """A directory where the last rank's first temporary file must go."""
     from trinity_stream_saver.distributed import assign_files, _entries, _meta
@@ -351,7 +384,7 @@ SCENARIOS = {
     2: [fsdp_round_trip, fsdp_tied_bf16, tensor_parallel_mapping, fsdp_state_dict_mapping,
         writer_rank_zero, memory, memory_writer_rank_zero, unsendable_piece, failure_in_gather, failure_in_write, failure_unstorable_dtype, failure_differing_shapes,
         failure_wrong_piece, failure_differing_layouts, failure_in_progress_bar],
-    3: [fsdp_round_trip, failure_in_gather],
+    3: [fsdp_round_trip, failure_in_gather, failure_mid_receive],
 }
 
 

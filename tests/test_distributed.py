@@ -347,6 +347,20 @@ def test_a_rank_failing_leaves_the_folder_as_it_was(world_size, world2, world3):
         assert not any(name.endswith(".tmp") for name in record["after"])
 
 
+def test_a_rank_failing_between_two_pieces_of_a_tensor_receives_only_the_missing_one(world3):
+    records = scenario(world3, "failure_mid_receive")
+    assert records[2]["injected"]
+    for rank, record in enumerate(records):
+        error = record["error"]
+        assert error["type"] == "DistributedSaveError", rank
+        assert list(error["failures"]) == ["2"]
+        assert "rank 2: RuntimeError: injected failure in the second receive" in error["message"]
+        assert record["after"] == record["before"]
+        # Far below the gloo timeout (workers.TIMEOUT, 60 s) that waiting
+        # for a piece sent once, twice, would end at.
+        assert record["seconds"] < workers.TIMEOUT.total_seconds() / 2, rank
+
+
 def test_a_rank_failing_to_write_raises_on_every_rank_and_removes_every_temporary_file(world2):
     records = scenario(world2, "failure_in_write")
     for rank, record in enumerate(records):

@@ -440,6 +440,7 @@ class _Gatherer:
         self._writing = True
         self._sends: list = []
         self._position = 0  # the next entry not yet received or gathered
+        self._sources: set = set()  # the ranks whose piece of that entry has come
         self._ahead = None  # (name, tensor, event or None): gathered, not yet yielded
 
     def post_sends(self) -> None:
@@ -492,14 +493,17 @@ class _Gatherer:
             if layout == _GATHERED:
                 full = _full_tensor(tensor)
             elif layout == _SENT and mine:
-                full = _receive(tensor, index, self._rank, self._group, self._received, self._piece)
+                full = _receive(tensor, index, self._rank, self._group, self._received,
+                                self._piece, self._sources)
             elif mine:
                 full = tensor.detach()
             else:
                 full = None  # sent already, or the writer has its own copy
             # Counted once received or gathered: a drain after a failure
-            # starts at the first entry this rank has not.
+            # starts at the first entry this rank has not, with the pieces
+            # of it that have not come.
             self._position += 1
+            self._sources = set()
             if not (mine and self._writing):
                 del full
                 continue
@@ -522,9 +526,12 @@ class _Gatherer:
         return None
 
 
-def _receive(tensor, index: int, rank: int, group, whole: _Buffer, piece: _Buffer) -> torch.Tensor:
+def _receive(tensor, index: int, rank: int, group, whole: _Buffer, piece: _Buffer,
+             received: set) -> torch.Tensor:
     """The whole of a _SENT entry on its writer: its own piece copied, the
-    others' received (tag: the entry's index) into `whole`."""
+    others' received (tag: the entry's index) into `whole`. The ranks
+    whose piece has come are added to `received`, and skipped when it is
+    called again after an error (each piece is sent once)."""
     with torch.no_grad():
         local = tensor._local_tensor
         dim = tensor.placements[0].dim % tensor.dim()
@@ -533,25 +540,31 @@ def _receive(tensor, index: int, rank: int, group, whole: _Buffer, piece: _Buffe
         if local.shape == tensor.shape:
             return local  # the other pieces are empty (one rank)
         full = whole.view(tensor.dtype, tensor.shape)
-        receives = []
-        for source in range(ranks):
-            start, stop = _piece(extent, source, ranks)
-            part = full.narrow(dim, start, stop - start)
-            if part.numel() == 0:
-                continue
-            if source == rank:
-                part.copy_(local)
-                continue
-            target = part if dim == 0 else piece.view(tensor.dtype, part.shape)
-            receive = dist.irecv(target, src=dist.get_global_rank(group, source), group=group,
-                                 tag=index)
-            if dim == 0:
-                receives.append(receive)  # rows: each piece lands in place
-            else:
-                receive.wait()  # columns: one piece at a time through `piece`
-                part.copy_(target)
-        for receive in receives:
-            receive.wait()
+        posted = []  # (rank, receive) of rows, each landing in place
+        try:
+            for source in range(ranks):
+                start, stop = _piece(extent, source, ranks)
+                part = full.narrow(dim, start, stop - start)
+                if part.numel() == 0 or source in received:
+                    continue
+                if source == rank:
+                    part.copy_(local)
+                    continue
+                target = part if dim == 0 else piece.view(tensor.dtype, part.shape)
+                receive = dist.irecv(target, src=dist.get_global_rank(group, source), group=group,
+                                     tag=index)
+                if dim == 0:
+                    posted.append((source, receive))
+                else:
+                    receive.wait()  # columns: one piece at a time through `piece`
+                    part.copy_(target)
+                    received.add(source)
+        finally:
+            # Also after an error: a receive posted is one that must not be
+            # posted again.
+            for source, receive in posted:
+                receive.wait()
+                received.add(source)
         return full
 
 
