@@ -291,11 +291,16 @@ _SENT = "sent"
 _GATHERED = "gathered"
 
 
+def _chunk(extent: int, ranks: int) -> int:
+    """The extent of a full piece: DTensor's Shard splits as torch.chunk
+    does, ceil(extent / ranks) a rank, the last ranks short or empty."""
+    return -(-extent // ranks)
+
+
 def _piece(extent: int, rank: int, ranks: int) -> tuple[int, int]:
     """[start, stop) of `rank`'s piece of a dimension of `extent` split
-    over `ranks` as DTensor's Shard does (torch.chunk: ceil(extent/ranks)
-    each, the last ranks short or empty)."""
-    size = -(-extent // ranks)
+    over `ranks` (see _chunk)."""
+    size = _chunk(extent, ranks)
     start = min(rank * size, extent)
     return start, min(start + size, extent)
 
@@ -444,6 +449,8 @@ class _Gatherer:
         self._ahead = None  # (name, tensor, event or None): gathered, not yet yielded
 
     def post_sends(self) -> None:
+        """Sends this rank's piece of every _SENT entry another rank writes;
+        they complete as the writers receive them."""
         for index, (name, tensor) in enumerate(self._entries):
             writer = self._writer_of.get(name)
             if self._layouts[index] != _SENT or writer == self._rank:
@@ -582,7 +589,7 @@ def _full_tensor(tensor) -> torch.Tensor:
             return tensor.full_tensor()
         group = mesh.get_group()
         rows = tensor.shape[0]
-        chunk = -(-rows // group.size())
+        chunk = _chunk(rows, group.size())  # each piece is padded to it here
         local = tensor.to_local()
         if local.shape[0] != chunk or not local.is_contiguous():
             padded = local.new_zeros((chunk, *tensor.shape[1:]))
