@@ -1,7 +1,7 @@
 // Whether a file is a complete safetensors file, judged from its first
 // bytes and its size: what finalize checks before it puts a file in place
 // (a file cut short, or one a save is still writing, must not replace a
-// good checkpoint). Pure: the caller reads the bytes (io/verify_file).
+// good checkpoint). Pure: the caller reads the bytes (writer/verify_file).
 #pragma once
 
 #include <cstdint>

@@ -131,4 +131,19 @@ ShardPlan plan_shards(const std::vector<TensorMeta>& meta, std::uint64_t max_sha
   return plan;
 }
 
+std::vector<std::size_t> file_indices(const ShardPlan& plan,
+                                      const std::vector<std::string>& filenames) {
+  std::vector<std::size_t> files;
+  files.reserve(filenames.size());
+  for (const std::string& name : filenames) {
+    std::size_t i = 0;
+    while (i < plan.files.size() && plan.files[i].filename != name) ++i;
+    if (i == plan.files.size()) {
+      throw ValueError(quoted_name(name) + " is not a file of the shard plan.");
+    }
+    files.push_back(i);
+  }
+  return files;
+}
+
 }  // namespace trinity_stream_saver

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include <trinity_stream_saver/shard_plan.h>
 
@@ -24,5 +25,10 @@ std::string shard_filename(const std::string& pattern, std::size_t number, std::
 // file, a shard "-NNNNN-of-NNNNN" or an index of either (huggingface_hub's
 // rule for the files it clears before a save).
 bool is_checkpoint_filename(const std::string& pattern, const std::string& filename);
+
+// The indices in plan.files of the files named `filenames`, in that order.
+// Throws ValueError naming a filename that is not a file of the plan.
+std::vector<std::size_t> file_indices(const ShardPlan& plan,
+                                      const std::vector<std::string>& filenames);
 
 }  // namespace trinity_stream_saver

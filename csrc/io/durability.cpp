@@ -11,8 +11,6 @@
 #include "io/file_descriptor.h"
 #include "io/posix_io.h"
 #include "io/system_calls.h"
-#include "io/temp_file.h"
-#include "io/verify_file.h"
 
 namespace trinity_stream_saver {
 
@@ -75,24 +73,6 @@ void sync_after_rename(const std::string& temp_path, const std::string& destinat
                   "sync the directory after renaming '" + temp_path + "' to '" + destination +
                       "'; the new file is in place, but its name may not survive a power cut");
   }
-}
-
-void finalize_file(const std::string& temp_path, const std::string& destination, bool sync) {
-  // The lock is held until the rename is done: a save to the same
-  // destination that starts meanwhile fails instead of replacing the file
-  // being finalized.
-  FileDescriptor fd = open_finished_temp_file(temp_path);
-  if (std::optional<std::string> problem = safetensors_file_problem(fd.get(), temp_path)) {
-    throw ValueError("cannot finalize '" + temp_path + "': it is not a complete safetensors " +
-                     "file (" + *problem + "). It was left where it is, and '" + destination +
-                     "' was not touched.");
-  }
-  if (sync && system_calls().fdatasync(fd.get()) != 0) {
-    throw OsError(errno, temp_path, "sync to disk");
-  }
-  check_still_named(fd, temp_path);
-  rename_into_place(temp_path, destination);
-  if (sync) sync_after_rename(temp_path, destination);
 }
 
 }  // namespace trinity_stream_saver

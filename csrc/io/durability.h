@@ -32,13 +32,4 @@ void rename_into_place(const std::string& temp_path, const std::string& destinat
 // that the new file is in place, only its name may not be durable yet.
 void sync_after_rename(const std::string& temp_path, const std::string& destination);
 
-// The step a save with rename=False leaves to the caller. Locks
-// `temp_path` (no save may be writing it, nor start to), checks that it is
-// a complete safetensors file, with `sync` fdatasync()s it, renames it
-// into place and syncs the directory. Throws ValueError naming `temp_path`
-// and what is wrong with it, or OsError naming the path that failed; if
-// the rename did not happen, `temp_path` is still in place and
-// `destination` untouched.
-void finalize_file(const std::string& temp_path, const std::string& destination, bool sync);
-
 }  // namespace trinity_stream_saver

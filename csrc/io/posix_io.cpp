@@ -6,17 +6,11 @@
 
 #include <trinity_stream_saver/errors.h>
 
+#include "io/system_calls.h"
+
 namespace trinity_stream_saver {
 
 namespace {
-
-ssize_t system_write(int fd, const void* data, std::size_t size) {
-  return ::write(fd, data, size);
-}
-
-ssize_t system_pwrite(int fd, const void* data, std::size_t size, off_t offset) {
-  return ::pwrite(fd, data, size, offset);
-}
 
 // Calls `write_some(data, size, done)` until every byte is written.
 template <typename WriteSome>
@@ -37,23 +31,34 @@ void write_loop(const void* data, std::size_t size, const std::string& path,
 
 }  // namespace
 
-void write_all(int fd, const void* data, std::size_t size,
-               const std::string& path, WriteFn write_fn) {
-  const WriteFn fn = write_fn != nullptr ? write_fn : system_write;
-  write_loop(data, size, path,
-             [&](const char* chunk, std::size_t left, std::size_t) {
-               return fn(fd, chunk, left);
-             });
+void write_all(int fd, const void* data, std::size_t size, const std::string& path) {
+  const SystemCalls& calls = system_calls();
+  write_loop(data, size, path, [&](const char* chunk, std::size_t left, std::size_t) {
+    return calls.write(fd, chunk, left);
+  });
 }
 
-void pwrite_all(int fd, const void* data, std::size_t size,
-                std::uint64_t offset, const std::string& path,
-                PwriteFn pwrite_fn) {
-  const PwriteFn fn = pwrite_fn != nullptr ? pwrite_fn : system_pwrite;
-  write_loop(data, size, path,
-             [&](const char* chunk, std::size_t left, std::size_t done) {
-               return fn(fd, chunk, left, static_cast<off_t>(offset + done));
-             });
+void pwrite_all(int fd, const void* data, std::size_t size, std::uint64_t offset,
+                const std::string& path) {
+  const SystemCalls& calls = system_calls();
+  write_loop(data, size, path, [&](const char* chunk, std::size_t left, std::size_t done) {
+    return calls.pwrite(fd, chunk, left, static_cast<off_t>(offset + done));
+  });
+}
+
+std::string read_at(int fd, std::uint64_t offset, std::size_t size, const std::string& path) {
+  std::string bytes(size, '\0');
+  std::size_t done = 0;
+  while (done < size) {
+    const ssize_t got = retry_on_eintr([&] {
+      return ::pread(fd, bytes.data() + done, size - done, static_cast<off_t>(offset + done));
+    });
+    if (got < 0) throw OsError(errno, path, "read");
+    if (got == 0) break;
+    done += static_cast<std::size_t>(got);
+  }
+  bytes.resize(done);
+  return bytes;
 }
 
 }  // namespace trinity_stream_saver

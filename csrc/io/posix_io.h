@@ -23,20 +23,16 @@ auto retry_on_eintr(Call&& call) -> decltype(call()) {
   }
 }
 
-// The system calls, as parameters so that tests can feed the loops short
-// writes and EINTR on demand.
-using WriteFn = ssize_t (*)(int fd, const void* data, std::size_t size);
-using PwriteFn = ssize_t (*)(int fd, const void* data, std::size_t size,
-                             off_t offset);
-
 // Writes all `size` bytes at the descriptor's position, or throws OsError
-// naming `path`.
-void write_all(int fd, const void* data, std::size_t size,
-               const std::string& path, WriteFn write_fn = nullptr);
+// naming `path`. Goes through the system-call table (io/system_calls.h).
+void write_all(int fd, const void* data, std::size_t size, const std::string& path);
 
 // Writes all `size` bytes at `offset`, or throws OsError naming `path`.
-void pwrite_all(int fd, const void* data, std::size_t size,
-                std::uint64_t offset, const std::string& path,
-                PwriteFn pwrite_fn = nullptr);
+void pwrite_all(int fd, const void* data, std::size_t size, std::uint64_t offset,
+                const std::string& path);
+
+// Reads up to `size` bytes at `offset`; fewer only at the end of the file.
+// Throws OsError naming `path`.
+std::string read_at(int fd, std::uint64_t offset, std::size_t size, const std::string& path);
 
 }  // namespace trinity_stream_saver

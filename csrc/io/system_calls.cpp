@@ -9,7 +9,7 @@ namespace trinity_stream_saver {
 
 namespace {
 
-constexpr SystemCalls kReal{::fsync, ::fdatasync, ::close, ::rename};
+constexpr SystemCalls kReal{::write, ::pwrite, ::fsync, ::fdatasync, ::close, ::rename};
 
 std::atomic<const SystemCalls*> current{&kReal};
 

@@ -1,12 +1,19 @@
-// The system calls that can fail late in a save, after the data is written
-// (fsync, fdatasync, close, rename), called through one table so that tests
-// can make them fail on demand (EIO from a disk, EXDEV or EACCES from a
-// rename). Production code always gets the real calls. Knows POSIX only.
+// The system calls whose failures a save must survive cleanly (write,
+// pwrite, fsync, fdatasync, close, rename), called through one table: the
+// one seam where tests inject faults, such as short writes and EINTR, ENOSPC,
+// EIO from a disk, EXDEV or EACCES from a rename. Production code always
+// gets the real calls. Knows POSIX only.
 #pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
 
 namespace trinity_stream_saver {
 
 struct SystemCalls {
+  ssize_t (*write)(int fd, const void* data, std::size_t size);
+  ssize_t (*pwrite)(int fd, const void* data, std::size_t size, off_t offset);
   int (*fsync)(int fd);
   int (*fdatasync)(int fd);
   int (*close)(int fd);

@@ -20,8 +20,9 @@
 #include "format/dtype.h"
 #include "format/file_plan.h"
 #include "format/header.h"
-#include "io/verify_file.h"
+#include "format/shard_plan.h"
 #include "python/meta_from_python.h"
+#include "writer/background_writer.h"
 #include "writer/tensor_writer.h"
 #include "writer/torch_dtype.h"
 
@@ -126,11 +127,30 @@ py::bytes save(py::handle tensor_iter, const std::string& filepath, py::handle s
   return py::bytes(written);
 }
 
-// N, the header length a save of `state_dict_meta` reserves.
-std::uint64_t reserved_header_size(py::handle state_dict_meta, py::handle resolve_dtype,
-                                   py::handle metadata) {
-  return plan_file(meta_from_python(state_dict_meta, resolve_dtype), metadata_from_python(metadata))
-      .header_size;
+// [(name, dtype, shape)] for collect_state_dict_meta.
+py::list collect_state_dict_meta_from_python(py::handle tensor_iter) {
+  py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(tensor_iter.ptr()));
+  if (!iterator) throw py::error_already_set();
+  std::vector<TensorMeta> meta;
+  {
+    py::gil_scoped_release nogil;
+    meta = collect_state_dict_meta(python_source(iterator));
+  }
+  py::list rows;
+  for (const TensorMeta& row : meta) {
+    rows.append(py::make_tuple(py::str(row.name), py::str(row.dtype), py::cast(row.shape)));
+  }
+  return rows;
+}
+
+std::uint64_t reserved_header_size_from_python(py::handle state_dict_meta,
+                                               py::handle resolve_dtype, py::handle metadata) {
+  return reserved_header_size(meta_from_python(state_dict_meta, resolve_dtype),
+                              metadata_from_python(metadata));
+}
+
+std::uint64_t data_size_from_python(py::handle state_dict_meta, py::handle resolve_dtype) {
+  return data_size(meta_from_python(state_dict_meta, resolve_dtype));
 }
 
 ShardPlan plan_shards_from_python(py::handle state_dict_meta, py::handle resolve_dtype,
@@ -182,19 +202,7 @@ std::unique_ptr<ShardedWriter> make_sharded_writer(
     const ShardPlan& plan, const std::string& directory,
     const std::optional<std::vector<std::string>>& filenames, py::handle metadata, bool sync,
     bool overlap) {
-  std::vector<std::size_t> files;
-  if (!filenames) {
-    files = all_files(plan);
-  } else {
-    for (const std::string& name : *filenames) {
-      std::size_t i = 0;
-      while (i < plan.files.size() && plan.files[i].filename != name) ++i;
-      if (i == plan.files.size()) {
-        throw ValueError("'" + name + "' is not a file of the shard plan.");
-      }
-      files.push_back(i);
-    }
-  }
+  const std::vector<std::size_t> files = filenames ? file_indices(plan, *filenames) : all_files(plan);
   return std::make_unique<ShardedWriter>(directory, plan, files,
                                          write_options(metadata, std::nullopt, sync, overlap));
 }
@@ -278,7 +286,10 @@ PYBIND11_MODULE(_C, m) {
         "if rename. Returns the path written (bytes).");
   m.def("finalize", &tss::finalize_without_gil, py::arg("temp_path"), py::arg("destination"),
         py::arg("sync"), "Optionally syncs temp_path, renames it, syncs the directory.");
-  m.def("reserved_header_size", &tss::reserved_header_size, py::arg("state_dict_meta"),
+  m.def("collect_state_dict_meta", &tss::collect_state_dict_meta_from_python,
+        py::arg("tensor_iter"),
+        "(name, dtype, shape) of every (name, tensor) item whose dtype safetensors stores.");
+  m.def("reserved_header_size", &tss::reserved_header_size_from_python, py::arg("state_dict_meta"),
         py::arg("resolve_dtype"), py::arg("metadata"),
         "N: the header length a save of state_dict_meta reserves.");
   py::class_<tss::ShardPlan>(m, "ShardPlan",
@@ -293,10 +304,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("plan_shards", &tss::plan_shards_from_python, py::arg("state_dict_meta"),
         py::arg("resolve_dtype"), py::arg("max_shard_size"), py::arg("filename_pattern"),
         "The shard plan of state_dict_meta, as huggingface_hub's split_torch_state_dict_into_shards.");
-  m.def("data_size", [](py::handle state_dict_meta, py::handle resolve_dtype) {
-          return tss::plan_file(tss::meta_from_python(state_dict_meta, resolve_dtype),
-                                std::nullopt).data_size;
-        }, py::arg("state_dict_meta"), py::arg("resolve_dtype"),
+  m.def("data_size", &tss::data_size_from_python, py::arg("state_dict_meta"),
+        py::arg("resolve_dtype"),
         "Bytes of tensor data that state_dict_meta describes.");
   m.def("save_sharded", &tss::save_sharded, py::arg("tensor_iter"), py::arg("directory"),
         py::arg("plan"), py::arg("metadata"), py::arg("sync"), py::arg("overlap"),

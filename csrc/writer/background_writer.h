@@ -46,12 +46,17 @@
 
 namespace trinity_stream_saver {
 
+// Tensors smaller than this many bytes are copied into the saver's memory
+// as they are yielded (and never held): handing each over costs more than
+// the copy.
+inline constexpr std::size_t kInlineBytes = std::size_t{1} << 20;
+
 class BackgroundWriter final {
  public:
   // How often a waiting caller runs `while_waiting` (e.g. to notice Ctrl-C).
   static constexpr std::chrono::milliseconds kWaitSlice{50};
 
-  // Tensors smaller than kInlineBytes (stream_saver.h) are copied on the
+  // Tensors smaller than kInlineBytes are copied on the
   // caller's thread into batches of up to this size: handing each over
   // costs more than the copy, and the producer may reuse their memory at once.
   static constexpr std::size_t kBatchBytes = std::size_t{4} << 20;

@@ -236,12 +236,6 @@ void ShardedWriter::write(const TensorSource& next) {
   s.written = true;
 }
 
-std::vector<std::string> ShardedWriter::temp_paths() const {
-  std::vector<std::string> paths;
-  for (const auto& kept : state_->kept) paths.push_back(kept.first);
-  return paths;
-}
-
 std::vector<std::string> ShardedWriter::commit() {
   State& s = *state_;
   if (!s.written || s.committed) {

@@ -3,11 +3,16 @@
 // (the bindings wrap a Python iterator as a TensorSource).
 #include <trinity_stream_saver/stream_saver.h>
 
+#include <cerrno>
+
 #include "format/file_plan.h"
 #include "io/durability.h"
+#include "io/system_calls.h"
+#include "io/temp_file.h"
 #include "writer/stream_loop.h"
 #include "writer/tensor_writer.h"
 #include "writer/torch_dtype.h"
+#include "writer/verify_file.h"
 
 namespace trinity_stream_saver {
 
@@ -45,8 +50,43 @@ std::string save_safetensors_streaming(const TensorSource& next, const std::stri
 
 std::string finalize(const std::string& tmp_path, const std::string& filepath, bool fsync) {
   check_file_path(filepath, "filepath");
-  finalize_file(tmp_path, filepath, fsync);
+  // The lock is held until the rename is done: a save to the same
+  // destination that starts meanwhile fails instead of replacing the file
+  // being finalized.
+  FileDescriptor fd = open_finished_temp_file(tmp_path);
+  if (std::optional<std::string> problem = safetensors_file_problem(fd.get(), tmp_path)) {
+    throw ValueError("cannot finalize '" + tmp_path + "': it is not a complete safetensors " +
+                     "file (" + *problem + "). It was left where it is, and '" + filepath +
+                     "' was not touched.");
+  }
+  if (fsync && system_calls().fdatasync(fd.get()) != 0) {
+    throw OsError(errno, tmp_path, "sync to disk");
+  }
+  check_still_named(fd, tmp_path);
+  rename_into_place(tmp_path, filepath);
+  if (fsync) sync_after_rename(tmp_path, filepath);
   return filepath;
+}
+
+std::vector<TensorMeta> collect_state_dict_meta(const TensorSource& next) {
+  std::vector<TensorMeta> meta;
+  for (;;) {
+    std::optional<std::pair<std::string, at::Tensor>> item = next();
+    if (!item) return meta;
+    const at::Tensor& tensor = item->second;
+    if (const std::optional<Dtype> dtype = safetensors_dtype(tensor.scalar_type())) {
+      meta.push_back({std::move(item->first), std::string(dtype->name), tensor.sizes().vec()});
+    }
+  }  // `item` is released here, before next() runs again.
+}
+
+std::uint64_t reserved_header_size(const std::vector<TensorMeta>& state_dict_meta,
+                                   const std::optional<Metadata>& metadata) {
+  return plan_file(state_dict_meta, metadata).header_size;
+}
+
+std::uint64_t data_size(const std::vector<TensorMeta>& state_dict_meta) {
+  return plan_file(state_dict_meta, std::nullopt).data_size;
 }
 
 TensorMeta tensor_meta(const std::string& name, const at::Tensor& tensor) {

@@ -1,36 +1,17 @@
-#include "io/verify_file.h"
+#include "writer/verify_file.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <trinity_stream_saver/errors.h>
+#include <trinity_stream_saver/stream_saver.h>
 
 #include "format/file_check.h"
 #include "io/file_descriptor.h"
 #include "io/posix_io.h"
 
 namespace trinity_stream_saver {
-
-namespace {
-
-// Reads up to `size` bytes at `offset`; fewer only at the end of the file.
-std::string read_at(int fd, std::uint64_t offset, std::size_t size, const std::string& path) {
-  std::string bytes(size, '\0');
-  std::size_t done = 0;
-  while (done < size) {
-    const ssize_t got = retry_on_eintr([&] {
-      return ::pread(fd, bytes.data() + done, size - done, static_cast<off_t>(offset + done));
-    });
-    if (got < 0) throw OsError(errno, path, "read");
-    if (got == 0) break;
-    done += static_cast<std::size_t>(got);
-  }
-  bytes.resize(done);
-  return bytes;
-}
-
-}  // namespace
 
 std::optional<std::string> safetensors_file_problem(int fd, const std::string& path) {
   struct stat info {};

@@ -100,9 +100,6 @@ class ShardedWriter final {
   // at once. On error, every temporary file is removed.
   void write(const TensorSource& next);
 
-  // The temporary files written so far.
-  std::vector<std::string> temp_paths() const;
-
   // Phase 2: renames each temporary file to its final name (data already
   // on disk with fsync; the directory is synced after). Returns the final
   // paths. Throws std::logic_error unless write() completed.

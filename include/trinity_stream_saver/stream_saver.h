@@ -39,7 +39,7 @@ struct SaveOptions {
   // The data is on disk before the rename, and the rename before returning.
   bool fsync = false;
   // A thread writes the tensors already yielded while `next` produces the
-  // following ones (see README, "Overlap"). Tensors below kInlineBytes, and
+  // following ones (see README, "Overlap"). Tensors below 1 MiB, and
   // tensors not in C order, are copied into the saver's memory at once;
   // the others are held until written.
   bool overlap = false;
@@ -101,12 +101,30 @@ std::string save_safetensors_streaming(const TensorSource& next, const std::stri
 // `filepath` is untouched.
 std::string finalize(const std::string& tmp_path, const std::string& filepath, bool fsync = true);
 
+// Throws ValueError naming `path` and what is wrong with it unless it is a
+// complete safetensors file (header length, JSON, dtypes, data_offsets
+// covering the data after the header exactly, file size): what finalize()
+// checks before it puts a file in place. OsError if it cannot be opened or
+// read.
+void check_safetensors_file(const std::string& path);
+
 // The state_dict_meta row of a tensor. Throws ValueError if safetensors
 // cannot store its dtype.
 TensorMeta tensor_meta(const std::string& name, const at::Tensor& tensor);
 
-// With SaveOptions::overlap, tensors smaller than this many bytes are copied
-// into the saver's memory as they are yielded (and never held).
-inline constexpr std::size_t kInlineBytes = std::size_t{1} << 20;
+// The state_dict_meta rows of the tensors `next` yields, in order, skipping
+// those whose dtype safetensors cannot store. Each tensor is released
+// before `next` is called again. Rethrows what `next` throws.
+std::vector<TensorMeta> collect_state_dict_meta(const TensorSource& next);
+
+// N, the JSON header length (a multiple of 8) that a save of
+// `state_dict_meta` with `metadata` reserves. Throws ValueError as the save
+// would for bad rows, duplicate names or a header too large.
+std::uint64_t reserved_header_size(const std::vector<TensorMeta>& state_dict_meta,
+                                   const std::optional<Metadata>& metadata = std::nullopt);
+
+// The bytes of tensor data that `state_dict_meta` describes (the file's
+// size less 8 and the header). Throws as reserved_header_size.
+std::uint64_t data_size(const std::vector<TensorMeta>& state_dict_meta);
 
 }  // namespace trinity_stream_saver

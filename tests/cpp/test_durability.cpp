@@ -6,6 +6,8 @@
 #include <string>
 
 #include <trinity_stream_saver/errors.h>
+#include <trinity_stream_saver/stream_saver.h>
+
 #include "test_support.h"
 
 namespace trinity_stream_saver {
@@ -22,7 +24,7 @@ TEST(Finalize, RenamesTheTemporaryFileOverTheDestination) {
     ScratchDir dir;
     write_file(dir.file("f"), "old");
     write_file(dir.file("f.tmp"), safetensors_file("new"));
-    finalize_file(dir.file("f.tmp"), dir.file("f"), sync);
+    finalize(dir.file("f.tmp"), dir.file("f"), sync);
     EXPECT_EQ(read_file(dir.file("f")), safetensors_file("new"));
     EXPECT_FALSE(exists(dir.file("f.tmp")));
   }
@@ -31,7 +33,7 @@ TEST(Finalize, RenamesTheTemporaryFileOverTheDestination) {
 TEST(Finalize, MissingTemporaryFileIsAnOsErrorNamingIt) {
   ScratchDir dir;
   try {
-    finalize_file(dir.file("f.tmp"), dir.file("f"), /*sync=*/true);
+    finalize(dir.file("f.tmp"), dir.file("f"), /*sync=*/true);
     FAIL() << "expected OsError";
   } catch (const OsError& error) {
     EXPECT_EQ(error.error_number(), ENOENT);
@@ -43,7 +45,7 @@ TEST(Finalize, FailedRenameLeavesTheTemporaryFileInPlace) {
   ScratchDir dir;
   write_file(dir.file("f.tmp"), safetensors_file("new"));
   try {
-    finalize_file(dir.file("f.tmp"), dir.file("missing/f"), /*sync=*/true);
+    finalize(dir.file("f.tmp"), dir.file("missing/f"), /*sync=*/true);
     FAIL() << "expected OsError";
   } catch (const OsError& error) {
     EXPECT_EQ(error.error_number(), ENOENT);

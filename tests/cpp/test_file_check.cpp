@@ -5,9 +5,9 @@
 #include <string>
 
 #include <trinity_stream_saver/errors.h>
+#include <trinity_stream_saver/stream_saver.h>
 
 #include "format/header.h"
-#include "io/verify_file.h"
 #include "test_support.h"
 
 namespace trinity_stream_saver {

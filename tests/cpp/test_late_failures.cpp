@@ -4,6 +4,7 @@
 // destination untouched unless the rename already happened.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <string>
@@ -55,7 +56,12 @@ int failing_rename(const char* from, const char* to) {
   return -1;
 }
 
-constexpr SystemCalls kFailing{failing_fsync, failing_fdatasync, failing_close, failing_rename};
+constexpr SystemCalls kFailing{.write = ::write,
+                               .pwrite = ::pwrite,
+                               .fsync = failing_fsync,
+                               .fdatasync = failing_fdatasync,
+                               .close = failing_close,
+                               .rename = failing_rename};
 
 // Installs the failing calls for one test; every call is real until the
 // test sets its errno.

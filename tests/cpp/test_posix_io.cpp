@@ -8,6 +8,8 @@
 #include <string>
 
 #include <trinity_stream_saver/errors.h>
+
+#include "io/system_calls.h"
 #include "test_support.h"
 
 namespace trinity_stream_saver {
@@ -18,10 +20,10 @@ using testing::ScratchDir;
 
 // Fake system calls: every other call fails with EINTR, the rest write at
 // most 7 bytes, as a signal-heavy process on a busy pipe would see.
-int calls = 0;
+int fake_calls = 0;
 
 ssize_t short_interrupted_write(int fd, const void* data, std::size_t size) {
-  if (++calls % 2 == 0) {
+  if (++fake_calls % 2 == 0) {
     errno = EINTR;
     return -1;
   }
@@ -29,7 +31,7 @@ ssize_t short_interrupted_write(int fd, const void* data, std::size_t size) {
 }
 
 ssize_t short_interrupted_pwrite(int fd, const void* data, std::size_t size, off_t offset) {
-  if (++calls % 2 == 0) {
+  if (++fake_calls % 2 == 0) {
     errno = EINTR;
     return -1;
   }
@@ -43,13 +45,22 @@ ssize_t failing_write(int, const void*, std::size_t) {
 
 ssize_t zero_write(int, const void*, std::size_t) { return 0; }
 
+// The real system calls with `write` and `pwrite` replaced.
+SystemCalls with_writes(decltype(SystemCalls::write) write,
+                        decltype(SystemCalls::pwrite) pwrite = ::pwrite) {
+  SystemCalls calls = ScopedSystemCalls::real();
+  calls.write = write;
+  calls.pwrite = pwrite;
+  return calls;
+}
+
 class PosixIo : public ::testing::Test {
  protected:
   void SetUp() override {
     path_ = dir_.file("out");
     fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644);
     ASSERT_GE(fd_, 0);
-    calls = 0;
+    fake_calls = 0;
   }
   void TearDown() override { ::close(fd_); }
 
@@ -60,21 +71,28 @@ class PosixIo : public ::testing::Test {
 
 TEST_F(PosixIo, WriteAllFinishesThroughShortWritesAndEintr) {
   const std::string data = "0123456789abcdefghijklmnopqrstuvwxyz";
-  write_all(fd_, data.data(), data.size(), path_, short_interrupted_write);
+  const SystemCalls faults = with_writes(short_interrupted_write);
+  const ScopedSystemCalls faked(faults);
+  write_all(fd_, data.data(), data.size(), path_);
   EXPECT_EQ(read_file(path_), data);
-  EXPECT_GT(calls, 10);  // the fake really split the write
+  EXPECT_GT(fake_calls, 10);  // the fake really split the write
 }
 
 TEST_F(PosixIo, PwriteAllFinishesThroughShortWritesAndEintr) {
   const std::string data = "0123456789abcdefghijklmnopqrstuvwxyz";
   write_all(fd_, "................................................", 48, path_);
-  pwrite_all(fd_, data.data(), data.size(), 4, path_, short_interrupted_pwrite);
+  const SystemCalls faults = with_writes(::write, short_interrupted_pwrite);
+  const ScopedSystemCalls faked(faults);
+  pwrite_all(fd_, data.data(), data.size(), 4, path_);
+  EXPECT_GT(fake_calls, 10);
   EXPECT_EQ(read_file(path_), "...." + data + "........");
 }
 
 TEST_F(PosixIo, WriteAllThrowsOsErrorWithErrnoAndPath) {
+  const SystemCalls faults = with_writes(failing_write);
+  const ScopedSystemCalls faked(faults);
   try {
-    write_all(fd_, "x", 1, path_, failing_write);
+    write_all(fd_, "x", 1, path_);
     FAIL() << "expected OsError";
   } catch (const OsError& error) {
     EXPECT_EQ(error.error_number(), ENOSPC);
@@ -84,8 +102,10 @@ TEST_F(PosixIo, WriteAllThrowsOsErrorWithErrnoAndPath) {
 }
 
 TEST_F(PosixIo, WriteAllTreatsAZeroByteWriteAsAnError) {
+  const SystemCalls faults = with_writes(zero_write);
+  const ScopedSystemCalls faked(faults);
   try {
-    write_all(fd_, "x", 1, path_, zero_write);
+    write_all(fd_, "x", 1, path_);
     FAIL() << "expected OsError";
   } catch (const OsError& error) {
     EXPECT_EQ(error.error_number(), EIO);
@@ -93,7 +113,9 @@ TEST_F(PosixIo, WriteAllTreatsAZeroByteWriteAsAnError) {
 }
 
 TEST_F(PosixIo, WriteAllOfNothingMakesNoCall) {
-  write_all(fd_, nullptr, 0, path_, failing_write);
+  const SystemCalls faults = with_writes(failing_write);
+  const ScopedSystemCalls faked(faults);
+  write_all(fd_, nullptr, 0, path_);
   EXPECT_EQ(read_file(path_), "");
 }
 

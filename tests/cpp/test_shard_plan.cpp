@@ -110,5 +110,25 @@ TEST(CheckpointFilenames, MatchTheHubsRuleForFilesToClear) {
   }
 }
 
+TEST(FileIndices, GivesThePlanIndicesOfTheNamedFilesInTheOrderGiven) {
+  const ShardPlan plan = plan_shards(rows_of({6, 6, 6}), 6);
+  EXPECT_EQ(file_indices(plan, {"model-00003-of-00003.safetensors",
+                                "model-00001-of-00003.safetensors"}),
+            (std::vector<std::size_t>{2, 0}));
+  EXPECT_TRUE(file_indices(plan, {}).empty());
+}
+
+TEST(FileIndices, RejectsANameThatIsNotAFileOfThePlanNamingIt) {
+  const ShardPlan plan = plan_shards(rows_of({6, 6}), 6);
+  try {
+    file_indices(plan, {"model-00001-of-00002.safetensors", "model.safetensors"});
+    FAIL() << "expected ValueError";
+  } catch (const ValueError& error) {
+    EXPECT_NE(std::string(error.what()).find("'model.safetensors' is not a file of the shard plan"),
+              std::string::npos)
+        << error.what();
+  }
+}
+
 }  // namespace
 }  // namespace trinity_stream_saver

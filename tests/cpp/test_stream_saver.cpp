@@ -182,5 +182,35 @@ TEST(StreamSaver, ReleasesEachTensorBeforeAskingForTheNext) {
   EXPECT_FALSE(previous_alive);
 }
 
+TEST(StreamSaver, ReservedHeaderSizeAndDataSizeDescribeTheFileASaveWrites) {
+  ScratchDir dir;
+  const std::vector<Item> items = sample_items();
+  const Metadata metadata{{"format", "pt"}};
+  SaveOptions options;
+  options.metadata = metadata;
+  save_safetensors_streaming(source_of(items), dir.file("f"), meta_of(items), options);
+  const std::string file = read_file(dir.file("f"));
+  std::uint64_t header = 0;
+  for (int i = 7; i >= 0; --i) header = (header << 8) | static_cast<unsigned char>(file[i]);
+  EXPECT_EQ(reserved_header_size(meta_of(items), metadata), header);
+  EXPECT_EQ(data_size(meta_of(items)), file.size() - 8 - header);
+  EXPECT_LT(reserved_header_size(meta_of(items)), header);  // without the metadata
+}
+
+TEST(StreamSaver, CollectStateDictMetaGivesTheRowsOfStorableTensorsInOrder) {
+  std::vector<Item> items = sample_items();
+  items.insert(items.begin() + 1, {"complex", at::zeros({2}, at::kComplexDouble)});
+  std::size_t handed_out = 0;
+  const std::vector<TensorMeta> rows = collect_state_dict_meta(source_of(items, &handed_out));
+  EXPECT_EQ(handed_out, items.size());
+  ASSERT_EQ(rows.size(), 4u);
+  const std::vector<TensorMeta> expected = meta_of(sample_items());
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    EXPECT_EQ(rows[i].name, expected[i].name);
+    EXPECT_EQ(rows[i].dtype, expected[i].dtype);
+    EXPECT_EQ(rows[i].shape, expected[i].shape);
+  }
+}
+
 }  // namespace
 }  // namespace trinity_stream_saver
