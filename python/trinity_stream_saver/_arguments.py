@@ -60,19 +60,6 @@ def _path(argument: str, value: object) -> str:
         )
     return path
 
-def _file_path(argument: str, value: object) -> str:
-    """A path that must name a file: "dir/" would put the temporary file at
-    "dir/.tmp", and "" at ".tmp" in the working directory."""
-    path = _path(argument, value)
-    if not path:
-        raise ValueError(f"{argument} is empty; give a file name.")
-    if path.endswith(os.sep) or (os.altsep is not None and path.endswith(os.altsep)):
-        raise ValueError(
-            f"{argument} {path!r} ends with a path separator, so it names a directory; "
-            f"give a file name inside it (e.g. {path + 'model.safetensors'!r})."
-        )
-    return path
-
 def _reject_mapping(tensor_iter: object) -> None:
     # Iterating a dict yields its keys, which would fail on the first item
     # with a less helpful message.

@@ -48,26 +48,6 @@ def collect_state_dict_meta(
     held after its entry is made.
     """
     _reject_mapping(tensor_iter)
-    meta: StateDictMeta = []
-    # A counter, not enumerate(): enumerate's cached result tuple would keep
-    # the previous item alive while the next one is produced.
-    index = -1
-    for item in tensor_iter:
-        index += 1
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise TypeError(
-                f"tensor_iter must yield (name, tensor) pairs, but item {index} is "
-                f"{type(item).__name__} {_C.short_repr(item)}; pass state_dict.items()."
-            )
-        name, tensor = item
-        del item
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(
-                f"tensor_iter must yield (name, tensor) pairs, but item {index} "
-                f"({_C.short_repr(name)}) holds {type(tensor).__name__} instead of a torch.Tensor."
-            )
-        dtype = _C.safetensors_dtype(tensor.dtype)
-        if dtype is not None:
-            meta.append(TensorMeta(name, dtype, list(tensor.shape)))
-        del tensor
-    return meta
+    # The items are read and checked in C++, as a save reads them.
+    rows = _C.collect_state_dict_meta(tensor_iter)
+    return [TensorMeta(name, dtype, shape) for name, dtype, shape in rows]

@@ -13,7 +13,6 @@ import torch
 
 from ._arguments import (
     _check_meta,
-    _file_path,
     _max_queued_bytes,
     _normalise_metadata,
     _path,
@@ -94,7 +93,7 @@ def save_safetensors_streaming(
     and the error says so.
     """
     _reject_mapping(tensor_iter)
-    path = _file_path("filepath", filepath)
+    path = _path("filepath", filepath)
     _check_meta(state_dict_meta)
     extra = _normalise_metadata(metadata)
     bar = None
@@ -133,7 +132,7 @@ def finalize(
     stays where it is and ``filepath`` is untouched.
     """
     temp = _path("tmp_path", tmp_path)
-    path = _file_path("filepath", filepath)
+    path = _path("filepath", filepath)
     _C.finalize(os.fsencode(temp), os.fsencode(path), bool(fsync))
     return path
 
@@ -151,7 +150,7 @@ def finalize_async(
     thread, and the Future returned is already done.
     """
     temp = _path("tmp_path", tmp_path)
-    path = _file_path("filepath", filepath)
+    path = _path("filepath", filepath)
     try:
         return _finalizer().submit(finalize, temp, path, fsync=fsync)
     except RuntimeError:
