@@ -89,6 +89,13 @@ bool next_item(py::handle iterator, std::size_t index, std::string* name, at::Te
   return true;
 }
 
+// iter(iterable), or the Python error it raised.
+py::object iterator_of(py::handle iterable) {
+  py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(iterable.ptr()));
+  if (!iterator) throw py::error_already_set();
+  return iterator;
+}
+
 // The Python iterator as the core's TensorSource: takes the GIL to call
 // next() and checks for Ctrl-C first.
 TensorSource python_source(py::handle iterator) {
@@ -107,8 +114,7 @@ py::bytes save(py::handle tensor_iter, const std::string& filepath, py::handle s
                py::handle resolve_dtype, py::handle metadata, bool rename, bool sync,
                bool overlap, std::optional<std::uint64_t> max_queued_bytes) {
   const std::vector<TensorMeta> meta = meta_from_python(state_dict_meta, resolve_dtype);
-  py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(tensor_iter.ptr()));
-  if (!iterator) throw py::error_already_set();
+  py::object iterator = iterator_of(tensor_iter);
   SaveOptions options;
   options.rename = rename;
   options.fsync = sync;
@@ -129,8 +135,7 @@ py::bytes save(py::handle tensor_iter, const std::string& filepath, py::handle s
 
 // [(name, dtype, shape)] for collect_state_dict_meta.
 py::list collect_state_dict_meta_from_python(py::handle tensor_iter) {
-  py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(tensor_iter.ptr()));
-  if (!iterator) throw py::error_already_set();
+  py::object iterator = iterator_of(tensor_iter);
   std::vector<TensorMeta> meta;
   {
     py::gil_scoped_release nogil;
@@ -185,8 +190,7 @@ ShardWriteOptions write_options(py::handle metadata,
 
 py::bytes save_sharded(py::handle tensor_iter, const std::string& directory, const ShardPlan& plan,
                        py::handle metadata, bool sync, bool overlap) {
-  py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(tensor_iter.ptr()));
-  if (!iterator) throw py::error_already_set();
+  py::object iterator = iterator_of(tensor_iter);
   const ShardWriteOptions options = write_options(metadata, std::nullopt, sync, overlap);
   std::string written;
   {
@@ -208,8 +212,7 @@ std::unique_ptr<ShardedWriter> make_sharded_writer(
 }
 
 void sharded_writer_write(ShardedWriter& writer, py::handle tensor_iter) {
-  py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(tensor_iter.ptr()));
-  if (!iterator) throw py::error_already_set();
+  py::object iterator = iterator_of(tensor_iter);
   py::gil_scoped_release nogil;
   writer.write(python_source(iterator));
 }
