@@ -164,6 +164,21 @@ def test_collect_state_dict_meta_rejects_a_dict_with_a_hint():
         collect_state_dict_meta({"a": torch.ones(1)})
 
 
+@pytest.mark.parametrize(
+    "bad_item",
+    [torch.ones(2), ("a", torch.ones(2), "extra"), (1, torch.ones(2)), ("a", [1.0, 2.0])],
+    ids=["bare_tensor", "triple", "int_name", "list_value"],
+)
+def test_collect_state_dict_meta_rejects_a_bad_item_as_a_save_does(bad_item, dest):
+    items = [("ok", torch.ones(1)), bad_item]
+    with pytest.raises(TypeError) as collected:
+        collect_state_dict_meta(items)
+    with pytest.raises(TypeError) as saved:
+        save_safetensors_streaming(iter(items), dest, [("ok", "F32", [1]), ("a", "F32", [2])])
+    assert "item 1" in str(collected.value)
+    assert str(collected.value) == str(saved.value)
+
+
 def test_collect_state_dict_meta_holds_no_tensor_after_its_entry():
     refs: list[weakref.ref] = []
 

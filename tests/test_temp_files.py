@@ -365,6 +365,13 @@ def test_finalize_to_a_path_ending_with_a_separator_is_a_value_error(dest, tmp_p
     assert saved_correctly(temp)
 
 
+def test_finalize_async_to_a_path_ending_with_a_separator_fails_through_the_future(dest, tmp_path):
+    temp = save_safetensors_streaming(iter(ITEMS), dest, meta_for(ITEMS), rename=False)
+    error = finalize_async(temp, str(tmp_path) + os.sep).exception(timeout=60)
+    assert isinstance(error, ValueError) and "ends with a path separator" in str(error)
+    assert saved_correctly(temp)
+
+
 def test_an_empty_filepath_is_a_value_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="empty"):
