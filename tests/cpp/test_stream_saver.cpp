@@ -15,6 +15,7 @@ namespace {
 
 using testing::exists;
 using testing::read_file;
+using testing::safetensors_file;
 using testing::ScratchDir;
 using testing::write_file;
 
@@ -210,6 +211,41 @@ TEST(StreamSaver, CollectStateDictMetaGivesTheRowsOfStorableTensorsInOrder) {
     EXPECT_EQ(rows[i].dtype, expected[i].dtype);
     EXPECT_EQ(rows[i].shape, expected[i].shape);
   }
+}
+
+TEST(Finalize, RenamesTheTemporaryFileOverTheDestination) {
+  for (const bool sync : {false, true}) {
+    ScratchDir dir;
+    write_file(dir.file("f"), "old");
+    write_file(dir.file("f.tmp"), safetensors_file("new"));
+    finalize(dir.file("f.tmp"), dir.file("f"), sync);
+    EXPECT_EQ(read_file(dir.file("f")), safetensors_file("new"));
+    EXPECT_FALSE(exists(dir.file("f.tmp")));
+  }
+}
+
+TEST(Finalize, MissingTemporaryFileIsAnOsErrorNamingIt) {
+  ScratchDir dir;
+  try {
+    finalize(dir.file("f.tmp"), dir.file("f"), /*sync=*/true);
+    FAIL() << "expected OsError";
+  } catch (const OsError& error) {
+    EXPECT_EQ(error.error_number(), ENOENT);
+    EXPECT_EQ(error.path(), dir.file("f.tmp"));
+  }
+}
+
+TEST(Finalize, FailedRenameLeavesTheTemporaryFileInPlace) {
+  ScratchDir dir;
+  write_file(dir.file("f.tmp"), safetensors_file("new"));
+  try {
+    finalize(dir.file("f.tmp"), dir.file("missing/f"), /*sync=*/true);
+    FAIL() << "expected OsError";
+  } catch (const OsError& error) {
+    EXPECT_EQ(error.error_number(), ENOENT);
+    EXPECT_EQ(error.path(), dir.file("missing/f"));
+  }
+  EXPECT_EQ(read_file(dir.file("f.tmp")), safetensors_file("new"));
 }
 
 }  // namespace
