@@ -209,12 +209,26 @@ def test_ctrl_c_during_a_large_write_stops_it_early(existing_dest, child_factory
 TMPFS = "/dev/shm"
 
 
+def bare_torch_exit_seconds() -> float:
+    """How long a process that only imported torch takes to exit here: what
+    no library can take off the time a Ctrl-C takes."""
+    child = subprocess.Popen([sys.executable, "-c", "import time, torch; print(time.monotonic())"],
+                             stdout=subprocess.PIPE, text=True, env=child_env())
+    ready = float(child.stdout.readline())
+    child.wait(timeout=EXIT_TIMEOUT)
+    return time.monotonic() - ready
+
+
 @pytest.mark.skipif(not os.path.isdir(TMPFS) or not os.access(TMPFS, os.W_OK),
                     reason=f"needs a writable tmpfs at {TMPFS}")
 def test_ctrl_c_ends_the_process_within_a_second_on_tmpfs(child_factory, tmp_path):
     # From SIGINT to the process gone: the save stops within a chunk, its
     # temporary file is removed, and the interpreter exits. Users wait for
     # all of it.
+    bare_exit = bare_torch_exit_seconds()
+    if bare_exit > 0.5:
+        pytest.skip(f"this machine is too busy to judge a second: a process that only "
+                    f"imported torch took {bare_exit:.2f} s to exit")
     folder = tempfile.mkdtemp(dir=TMPFS)
     try:
         dest = os.path.join(folder, "model.safetensors")
