@@ -55,7 +55,8 @@ class TensorWriter final : public OverlapTarget {
 
   // Checks `tensor` and records its header entry as the next in the file;
   // returns its size in bytes. Its bytes must be appended next (with
-  // write_data(), or the pieces below). Throws ValueError naming the tensor.
+  // write_data(), or through OverlapTarget). Throws ValueError naming the
+  // tensor.
   std::uint64_t add(const std::string& name, const at::Tensor& tensor) override;
 
   // Appends the bytes of the tensor just added, reading its memory here.
