@@ -193,16 +193,13 @@ def staging_buffers(cfg: dict, spec: Spec) -> dict:
     return buffers
 
 
-def staged_copies(cfg: dict, spec: Spec, buffers: dict) -> Iterator:
-    """The slow producer: each tensor arrives after a wait in proportion to
-    its size (a device-to-host copy, a gather), in one of two reused staging
-    buffers per shape. The wait costs no CPU and releases the GIL, as DMA
-    into pinned memory does, so on any machine the best a saver can do is
-    max(produce, write); a producer that filled fresh tensors on the CPU
-    would compete with the writer for this machine's cores. The buffers'
-    contents never change, so a saver that still holds one when it comes
-    round again writes the same bytes: the contract for reused buffers is
-    the tests' business, not the benchmark's.
+def _paced(cfg: dict, spec: Spec) -> Iterator:
+    """(index, name, shape) of each tensor of the spec, each after a wait in
+    proportion to its size (cfg's sleep_s_per_byte). The wait costs no CPU
+    and releases the GIL, as DMA into pinned memory does, so on any machine
+    the best a saver can do is max(produce, write); a producer that filled
+    fresh tensors on the CPU would compete with the writer for this
+    machine's cores.
 
     A sleep overshoots (by a millisecond on a busy machine), which over
     hundreds of small tensors would make the producer far slower than
@@ -215,7 +212,36 @@ def staged_copies(cfg: dict, spec: Spec, buffers: dict) -> Iterator:
             start = time.perf_counter()
             time.sleep(owed)
             owed -= time.perf_counter() - start
+        yield index, name, shape
+
+
+def staged_copies(cfg: dict, spec: Spec, buffers: dict) -> Iterator:
+    """The slow producer: each tensor arrives after a wait in proportion to
+    its size (a device-to-host copy, a gather; see _paced), in one of two
+    reused staging buffers per shape. The buffers' contents never change,
+    so a saver that still holds one when it comes round again writes the
+    same bytes: the contract for reused buffers is the tests' business, not
+    the benchmark's."""
+    for index, name, shape in _paced(cfg, spec):
         yield name, buffers[(tuple(shape), index % 2)]
+
+
+def model_weights(cfg: dict, spec: Spec) -> list:
+    """A CPU model's own tensors: one distinct tensor per entry of the spec,
+    each filled with expect_fresh's value, made before the save as a
+    trainer's model is."""
+    import torch
+
+    return [torch.full(shape, float(index % 7), dtype=torch.bfloat16)
+            for index, (_, shape) in enumerate(spec)]
+
+
+def own_weights(cfg: dict, spec: Spec, weights: list) -> Iterator:
+    """The model's own tensors, each yielded as it is (after a wait in
+    proportion to its size when the scenario's producer is paced: a
+    gather, a copy)."""
+    for index, name, _ in _paced(cfg, spec):
+        yield name, weights[index]
 
 
 def expect_staged(cfg: dict, index: int, shape):
@@ -435,6 +461,12 @@ _MOE_SIZES = (
     Size("experts", 16, "MoE-shaped: experts per layer", "moe-experts", scaled=False),
 )
 _PRODUCER_METHODS = IN_TURN + ("raw_queue_thread",)
+# Saves made one after another in the measuring process, as a trainer saves
+# its model again and again (cfg["saves"]; measure.py times all but the
+# first, which pays for the process's first touch of memory).
+_REPEATED_SIZES = _LLAMA_SIZES + (
+    Size("saves", 4, "model_repeated*: saves per process (the first is not timed)",
+         "repeated-saves", scaled=False),)
 
 
 def _model_scenario(name: str, kind: str, sizes: tuple, spec, speed: float) -> Scenario:
@@ -547,6 +579,27 @@ SCENARIOS = {s.name: s for s in (
         methods=("trinity_sharded", "hub_save_torch_state_dict", "transformers_save_pretrained",
                  "pure_python_saver", "raw_os_write"),
         excluded=PRODUCER_EXCLUDED,
+    ),
+    Scenario(
+        name="model_repeated",
+        summary=("a CPU model's own Llama-shaped tensors (distinct, made before the save), "
+                 "saved again and again in one process, the producer instant"),
+        sizes=_REPEATED_SIZES,
+        spec=_llama, describe=_describe_model("Llama-shaped, a CPU model's own tensors"),
+        produce=own_weights, expected=expect_fresh, prepare=model_weights,
+        # Overlap against the in-turn mode, on the same tensors.
+        baseline="trinity_stream_saver",
+        methods=("trinity_overlap", "raw_os_write"), excluded=PRODUCER_EXCLUDED,
+    ),
+    Scenario(
+        name="model_repeated_paced",
+        summary=("the same, the producer as fast as the writer (waits in proportion to each "
+                 "tensor's size)"),
+        sizes=_REPEATED_SIZES,
+        spec=_llama, describe=_describe_model("Llama-shaped, a CPU model's own tensors"),
+        produce=own_weights, expected=expect_fresh, prepare=model_weights,
+        reference="max(P, W)", producer_speed=1.0,
+        methods=("trinity_stream_saver", "trinity_overlap"), excluded=PRODUCER_EXCLUDED,
     ),
     _model_scenario("llama", "Llama-shaped", _LLAMA_SIZES, _llama, 1.0),
     _model_scenario("llama_2x", "Llama-shaped", _LLAMA_SIZES, _llama, 2.0),

@@ -43,6 +43,11 @@ TARGETS = (
     Target("llama_2x", "trinity_overlap", 1.10, why="model-shaped, producer twice as fast"),
     Target("moe", "trinity_overlap", 1.25, why="many small experts, producer as fast"),
     Target("moe_2x", "trinity_overlap", 1.10, why="many small experts, producer twice as fast"),
+    # A model's own distinct tensors, saved again and again in one process.
+    Target("model_repeated", "trinity_overlap", 1.05,
+           why="overlap never slower than in turn, on a model's own tensors"),
+    Target("model_repeated_paced", "trinity_overlap", 1.25,
+           why="a model's own tensors, producer as fast as the writer"),
     # overlap=True's memory contract: beyond what the in-turn mode holds,
     # the tensor being written and a queue of at most max_queued_bytes
     # (by default the largest tensor).

@@ -5,6 +5,8 @@
 
 #include <trinity_stream_saver/errors.h>
 #include "format/file_plan.h"
+#include "writer/c_order.h"
+#include "writer/released_memory.h"
 
 namespace trinity_stream_saver {
 
@@ -15,14 +17,11 @@ struct Cancelled {};
 
 }  // namespace
 
-BackgroundWriter::BackgroundWriter(TensorWriter& writer, std::uint64_t max_queued_bytes,
+BackgroundWriter::BackgroundWriter(OverlapTarget& target, std::uint64_t max_queued_bytes,
                                    std::function<void()> while_waiting)
-    : writer_(writer),
+    : target_(target),
       max_queued_bytes_(max_queued_bytes),
       while_waiting_(std::move(while_waiting)) {
-  writer_.set_between_chunks([this] {
-    if (stopping_.load(std::memory_order_relaxed)) throw Cancelled{};
-  });
   worker_ = std::thread([this] { run(); });
 }
 
@@ -33,10 +32,13 @@ BackgroundWriter::~BackgroundWriter() {
   }
   changed_.notify_all();
   worker_.join();
-  writer_.set_between_chunks({});
 }  // The jobs left, and the tensors they hold, are dropped here, on the caller's thread.
 
 void BackgroundWriter::run() {
+  // Between chunks of a large tensor: a save being torn down abandons it.
+  const std::function<void()> unless_stopping = [this] {
+    if (stopping_.load(std::memory_order_relaxed)) throw Cancelled{};
+  };
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
     changed_.wait(lock, [this] { return stopping_ || (!queue_.empty() && !error_); });
@@ -50,9 +52,9 @@ void BackgroundWriter::run() {
     std::exception_ptr error;
     try {
       if (job.owned.data) {
-        writer_.append_owned(job.data, job.size);
+        target_.append_owned(job.data, job.size);
       } else {
-        writer_.append_foreign(job.held.name, job.data, job.size);
+        target_.append_foreign(job.held.name, job.data, job.size, unless_stopping);
       }
     } catch (const Cancelled&) {
     } catch (...) {
@@ -117,14 +119,13 @@ void BackgroundWriter::write(const std::string& name, const at::Tensor& tensor) 
   // A failed write on the worker is reported as itself, not as the writer
   // refusing the next tensor.
   collect();
-  const std::uint64_t bytes = writer_.add(name, tensor);
-  if (bytes == 0) {
-  } else if (bytes < kInlineBytes) {
+  const std::uint64_t bytes = target_.add(name, tensor);
+  if (bytes < kInlineBytes) {  // an empty tensor too: it copies nothing
     if (batch_used_ + bytes > kBatchBytes) submit_batch();
     if (!batch_.data) batch_ = take_buffer(kBatchBytes);
-    TensorWriter::copy_in_c_order(tensor, batch_.data.get() + batch_used_);
+    copy_in_c_order(tensor, batch_.data.get() + batch_used_);
     batch_used_ += bytes;
-  } else if (TensorWriter::is_c_order(tensor)) {
+  } else if (is_c_order(tensor)) {
     submit_batch();
     Job job;
     job.data = static_cast<const char*>(tensor.const_data_ptr());
@@ -139,13 +140,13 @@ void BackgroundWriter::write(const std::string& name, const at::Tensor& tensor) 
     // outside write(2), and the producer's tensor is not held at all.
     submit_batch();
     bool first = true;
-    writer_.for_each_piece(tensor, [&](const at::Tensor& piece) {
+    for_each_piece(tensor, kPieceBytes, [&](const at::Tensor& piece) {
       if (!first && while_waiting_) while_waiting_();
       first = false;
       Job job;
       job.size = static_cast<std::size_t>(piece.numel()) * piece.element_size();
       job.owned = take_buffer(job.size);
-      TensorWriter::copy_in_c_order(piece, job.owned.data.get());
+      copy_in_c_order(piece, job.owned.data.get());
       job.data = job.owned.data.get();
       submit(std::move(job));
     });
@@ -179,12 +180,14 @@ void BackgroundWriter::collect() {
       continue;
     }
     --held_;
-    if (changed) continue;  // the first tensor found changed is the one named
-    try {
-      check_unchanged(job.held);
-    } catch (...) {
-      changed = std::current_exception();
+    if (!changed) {  // the first tensor found changed is the one named
+      try {
+        check_unchanged(job.held);
+      } catch (...) {
+        changed = std::current_exception();
+      }
     }
+    release_tensor(job.held.tensor);
   }
   if (changed) std::rethrow_exception(changed);
   if (error) std::rethrow_exception(error);

@@ -1,6 +1,6 @@
 // Overlap mode: a thread that writes queued tensors while the caller
-// produces the next ones. Knows torch tensors and the TensorWriter; nothing
-// of Python.
+// produces the next ones. Knows torch tensors and the file only as an
+// OverlapTarget (writer/overlap_target.h); nothing of Python.
 //
 // What the caller's thread does for each tensor: checks it and makes its
 // header entry (so bad input fails at once); copies a small tensor (below
@@ -42,7 +42,7 @@
 
 #include <trinity_stream_saver/stream_saver.h>
 
-#include "writer/tensor_writer.h"
+#include "writer/overlap_target.h"
 
 namespace trinity_stream_saver {
 
@@ -61,11 +61,15 @@ class BackgroundWriter final {
   // costs more than the copy, and the producer may reuse their memory at once.
   static constexpr std::size_t kBatchBytes = std::size_t{4} << 20;
 
-  // Starts the worker. `writer` must outlive this object. `while_waiting`
+  // Tensors not in C order are put in C order in pieces of at most this
+  // size, each a job of its own: they cost at most this much memory each.
+  static constexpr std::size_t kPieceBytes = std::size_t{32} << 20;
+
+  // Starts the worker. `target` must outlive this object. `while_waiting`
   // runs on the caller's thread, without the lock, while write() or
   // finish() waits and between pieces it copies; whatever it throws
   // propagates.
-  BackgroundWriter(TensorWriter& writer, std::uint64_t max_queued_bytes,
+  BackgroundWriter(OverlapTarget& target, std::uint64_t max_queued_bytes,
                    std::function<void()> while_waiting);
 
   // Stops the worker (a write in progress is abandoned at its next chunk),
@@ -117,7 +121,7 @@ class BackgroundWriter final {
   void collect();
   static void check_unchanged(const Held& held);
 
-  TensorWriter& writer_;
+  OverlapTarget& target_;
   const std::uint64_t max_queued_bytes_;
   const std::function<void()> while_waiting_;
 

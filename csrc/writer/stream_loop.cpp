@@ -1,6 +1,7 @@
 #include "writer/stream_loop.h"
 
 #include "writer/background_writer.h"
+#include "writer/released_memory.h"
 
 namespace trinity_stream_saver {
 
@@ -13,7 +14,8 @@ void write_in_turn(const TensorSource& next, TensorWriter& writer) {
     std::optional<std::pair<std::string, at::Tensor>> item = next();
     if (!item) return;
     writer.write(item->first, item->second);
-  }  // `item` is released here, before next() runs again.
+    release_tensor(item->second);  // before next() runs again
+  }
 }
 
 // Overlap mode: a worker thread writes the tensors already yielded while
@@ -25,7 +27,9 @@ void write_overlapped(const TensorSource& next, TensorWriter& writer,
     std::optional<std::pair<std::string, at::Tensor>> item = next();
     if (!item) break;
     background.write(item->first, item->second);
-  }  // `item` is dropped here; what the saver still holds is in `background`.
+    // What the saver still holds is in `background`.
+    release_tensor(item->second);
+  }
   background.finish();
 }
 

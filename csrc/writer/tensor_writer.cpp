@@ -1,8 +1,6 @@
 #include "writer/tensor_writer.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/grad_mode.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <bit>
@@ -13,8 +11,8 @@
 #include <unordered_set>
 
 #include <trinity_stream_saver/errors.h>
+#include "writer/c_order.h"
 #include "writer/torch_dtype.h"
-#include "writer/transpose.h"
 
 namespace trinity_stream_saver {
 
@@ -24,14 +22,13 @@ static_assert(std::endian::native == std::endian::little,
 
 namespace {
 
-// The integer dtype as wide as one element of a tensor (1, 2, 4 or 8 bytes).
-c10::ScalarType same_width_integer(std::size_t element_size) {
-  switch (element_size) {
-    case 1: return c10::ScalarType::Byte;
-    case 2: return c10::ScalarType::Short;
-    case 4: return c10::ScalarType::Int;
-    default: return c10::ScalarType::Long;
+// "[2, 3]", for messages.
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+  std::string text = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    text += (i == 0 ? "" : ", ") + std::to_string(shape[i]);
   }
+  return text + "]";
 }
 
 std::string layout_name(c10::Layout layout) {
@@ -74,26 +71,6 @@ bool storage_covers_view(const at::Tensor& tensor) {
   }
 }
 
-// The saver's own tensor operations (views, staging copies) run as plain
-// ATen calls: not recorded by autograd, and not routed through a Python
-// dispatch mode the caller has active (FakeTensorMode would turn the
-// staging buffer into a tensor without memory).
-struct PlainTensorOps {
-  at::NoGradGuard no_grad;
-  c10::impl::ExcludeDispatchKeyGuard no_python{
-      c10::DispatchKeySet{c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-                          c10::DispatchKey::PreDispatch}};
-};
-
-// A transposed matrix (tensor.t(), or rows of one): what
-// transpose_to_row_major copies faster than torch's strided copy.
-// Conjugated or negated views need torch's copy, which applies the flag.
-bool is_column_major_matrix(const at::Tensor& view) {
-  return view.dim() == 2 && view.size(0) > 1 && view.size(1) > 1 && view.stride(0) == 1 &&
-         view.stride(1) >= view.size(0) && view.element_size() <= 8 && !view.is_conj() &&
-         !view.is_neg();
-}
-
 }  // namespace
 
 TensorWriter::TensorWriter(std::string path, const std::vector<TensorMeta>& meta,
@@ -115,10 +92,6 @@ TensorWriter::TensorWriter(std::string path, const std::vector<TensorMeta>& meta
     sink_.reserve_space(file_size);
   }
   sink_.seek(8 + reserved_);
-}
-
-void TensorWriter::set_between_chunks(std::function<void()> between_chunks) {
-  between_chunks_ = std::move(between_chunks);
 }
 
 Dtype TensorWriter::check_tensor(const std::string& name,
@@ -217,22 +190,24 @@ std::uint64_t TensorWriter::add(const std::string& name, const at::Tensor& tenso
       static_cast<std::uint64_t>(tensor.numel()) * tensor.element_size();
   std::string entry =
       tensor_entry(name, dtype, *shape, data_size_, data_size_ + bytes);
+  // A tensor may differ from its row in dtype or shape (as in the original
+  // saver, whose callers may declare every row bfloat16): it is written as
+  // it is, and the file describes it, as long as its entry still fits.
   if (header_.size_with(entry) > reserved_) {
     throw ValueError(
-        "tensor " + quoted_name(name) + " does not fit in the header reserved from " +
-        "state_dict_meta (" + std::to_string(reserved_) + " bytes): " +
-        "state_dict_meta does not describe the tensors being saved. It must list " +
-        "exactly the tensors the iterator yields, in the order it yields them, with " +
-        "the same dtypes and shapes (e.g. from collect_state_dict_meta).");
+        "tensor " + quoted_name(name) + " (" + std::string(dtype.name) + ", shape " +
+        shape_text(*shape) + ") does not fit in the header reserved from " +
+        "state_dict_meta (" + std::to_string(reserved_) + " bytes; the tensors so far " +
+        "need " + std::to_string(header_.size_with(entry)) + "): state_dict_meta does " +
+        "not describe the tensors being saved. A tensor may differ from its row in " +
+        "dtype or shape only while the header still fits; list exactly the tensors the " +
+        "iterator yields, in the order it yields them, with their dtypes and shapes " +
+        "(e.g. from collect_state_dict_meta).");
   }
   data_size_ += bytes;
   header_.append(std::move(entry));
   names_.insert(name);
   return bytes;
-}
-
-bool TensorWriter::is_c_order(const at::Tensor& tensor) {
-  return tensor.is_contiguous() && !tensor.is_conj() && !tensor.is_neg();
 }
 
 void TensorWriter::write_data(const at::Tensor& tensor) {
@@ -244,7 +219,7 @@ void TensorWriter::write_data(const at::Tensor& tensor) {
       return;
     }
     bool first = true;
-    for_each_piece(tensor, [&](const at::Tensor& piece) {
+    for_each_piece(tensor, kChunkBytes, [&](const at::Tensor& piece) {
       if (!first && between_chunks_) between_chunks_();
       first = false;
       stage_and_append(piece);
@@ -261,53 +236,6 @@ void TensorWriter::write_contiguous(const at::Tensor& tensor) {
   }
 }
 
-void TensorWriter::for_each_piece(const at::Tensor& view,
-                                  const std::function<void(const at::Tensor&)>& piece) const {
-  const PlainTensorOps plain;
-  const std::size_t size = view.numel() * view.element_size();
-  if (size <= kChunkBytes) {
-    piece(view);
-    return;
-  }
-  const std::int64_t rows = view.size(0);
-  const std::size_t row_size = size / rows;
-  const std::int64_t rows_per_chunk =
-      std::max<std::int64_t>(1, static_cast<std::int64_t>(kChunkBytes / row_size));
-  for (std::int64_t row = 0; row < rows; row += rows_per_chunk) {
-    const at::Tensor part = view.narrow(0, row, std::min(rows_per_chunk, rows - row));
-    if (row_size > kChunkBytes) {
-      for_each_piece(part.select(0, 0), piece);
-    } else {
-      piece(part);
-    }
-  }
-}
-
-void TensorWriter::copy_in_c_order(const at::Tensor& view, void* target) {
-  const PlainTensorOps plain;
-  const std::int64_t size = view.numel() * view.element_size();
-  if (size == 0) return;
-  if (is_c_order(view)) {
-    std::memcpy(target, view.const_data_ptr(), static_cast<std::size_t>(size));
-    return;
-  }
-  if (is_column_major_matrix(view)) {
-    transpose_to_row_major(view.const_data_ptr(), view.size(0), view.size(1), view.stride(1),
-                           view.element_size(), target);
-    return;
-  }
-  // Copy as same-width integers: a bit-exact copy that needs no copy kernel
-  // for exotic dtypes (float8, float4). Lazily conjugated or negated views
-  // need torch's own copy, which applies the conjugation.
-  at::Tensor source = view;
-  if (!view.is_conj() && !view.is_neg()) {
-    source = view.view(same_width_integer(view.element_size()));
-  }
-  at::Tensor destination =
-      at::from_blob(target, source.sizes(), at::TensorOptions().dtype(source.scalar_type()));
-  destination.copy_(source);
-}
-
 void TensorWriter::stage_and_append(const at::Tensor& view) {
   const std::int64_t size = view.numel() * view.element_size();
   if (!staging_.defined() || staging_.numel() < size) {
@@ -322,12 +250,13 @@ void TensorWriter::append_owned(const void* data, std::size_t size) {
   failing_for_good([&] { sink_.append(data, size); });
 }
 
-void TensorWriter::append_foreign(const std::string& name, const void* data, std::size_t size) {
+void TensorWriter::append_foreign(const std::string& name, const void* data, std::size_t size,
+                                  const std::function<void()>& between_chunks) {
   const char* bytes = static_cast<const char*>(data);
   try {
     failing_for_good([&] {
       for (std::size_t done = 0; done < size; done += kChunkBytes) {
-        if (done != 0 && between_chunks_) between_chunks_();
+        if (done != 0 && between_chunks) between_chunks();
         sink_.append_unbuffered(bytes + done, std::min(kChunkBytes, size - done));
       }
     });

@@ -19,10 +19,13 @@
 #include "format/file_plan.h"
 #include "format/header.h"
 #include "io/file_sink.h"
+#include "writer/overlap_target.h"
 
 namespace trinity_stream_saver {
 
-class TensorWriter final {
+// Overlap mode writes through the narrow OverlapTarget (see overlap_target.h);
+// everything else through the members below.
+class TensorWriter final : public OverlapTarget {
  public:
   // Large tensors are written in pieces of this size, with `between_chunks`
   // called between pieces (where the bindings check for Ctrl-C); the same
@@ -52,39 +55,15 @@ class TensorWriter final {
 
   // Checks `tensor` and records its header entry as the next in the file;
   // returns its size in bytes. Its bytes must be appended next (with
-  // write_data(), or the pieces below). Throws ValueError naming the tensor.
-  std::uint64_t add(const std::string& name, const at::Tensor& tensor);
+  // write_data(), or through OverlapTarget). Throws ValueError naming the
+  // tensor.
+  std::uint64_t add(const std::string& name, const at::Tensor& tensor) override;
 
   // Appends the bytes of the tensor just added, reading its memory here.
   void write_data(const at::Tensor& tensor);
 
-  // The pieces overlap mode is built from (see background_writer.h).
-  //
-  // True if `tensor`'s memory holds its bytes in C order (no lazy
-  // conjugation or negation): they can be written straight from it.
-  static bool is_c_order(const at::Tensor& tensor);
-  // Calls `piece` with consecutive views of `tensor` whose bytes, in C
-  // order, are the tensor's: whole runs of rows up to kChunkBytes, or
-  // single rows (recursively) when a row is larger.
-  void for_each_piece(const at::Tensor& tensor,
-                      const std::function<void(const at::Tensor&)>& piece) const;
-  // Copies the bytes of `view` in C order to `target` (view.nbytes()
-  // bytes), without autograd or Python dispatch modes.
-  static void copy_in_c_order(const at::Tensor& view, void* target);
-  // Appends bytes the saver owns.
-  void append_owned(const void* data, std::size_t size);
-  // Appends the bytes of tensor `name` from memory its producer owns, read
-  // only by write(2), in chunks with `between_chunks` between them: if the
-  // producer frees the memory meanwhile, this throws ValueError naming the
-  // tensor instead of crashing.
-  void append_foreign(const std::string& name, const void* data, std::size_t size);
-
   // Bytes of the largest tensor state_dict_meta describes.
   std::uint64_t largest_tensor() const noexcept { return planned_.largest_tensor; }
-
-  // Replaces the callback between chunks (a background thread that writes
-  // for Python needs a different check than Python's main thread).
-  void set_between_chunks(std::function<void()> between_chunks);
 
   // Writes the header, closes the file and renames it to `destination`;
   // with `sync`, durably (see FileSink::close_and_rename).
@@ -97,6 +76,11 @@ class TensorWriter final {
   std::uint64_t reserved_header_size() const noexcept { return reserved_; }
 
  private:
+  // OverlapTarget: only overlap mode appends bytes apart from a tensor.
+  void append_owned(const void* data, std::size_t size) override;
+  void append_foreign(const std::string& name, const void* data, std::size_t size,
+                      const std::function<void()>& between_chunks) override;
+
   // Throws ValueError if an earlier call left the file incomplete.
   void check_usable(const std::string& what) const;
   // Runs `step`, which changes the file; if it throws, the writer refuses

@@ -66,7 +66,10 @@ using TensorSource = std::function<std::optional<std::pair<std::string, at::Tens
 
 // Streams every tensor `next` yields into `filepath + ".tmp"`, with the
 // header space reserved from `state_dict_meta` (one row per tensor, in the
-// order they are yielded), then renames it to `filepath`. If `next` ends
+// order they are yielded), then renames it to `filepath`. A tensor whose
+// dtype or shape differs from its row is written as it is, and the file
+// describes it, while its header entry still fits the reserved space; one
+// whose entry outgrows it fails with ValueError naming it. If `next` ends
 // before it has yielded as many tensors as state_dict_meta has rows, the
 // save fails with ValueError (a checkpoint missing tensors is not a save). Each tensor is
 // written from its own memory and released before `next` is called again

@@ -45,10 +45,15 @@ def save_safetensors_streaming(
         state_dict_meta: ``(name, dtype, shape)`` for every tensor the
             iterator yields, in the order it yields them (``TensorMeta`` or
             plain tuples; dtype as a safetensors name, a ``torch.dtype`` or
-            its name). The header space is reserved exactly from it. If the
-            iterator stops before it has yielded as many tensors as there
-            are rows, the save fails with ``ValueError`` and nothing is
-            written: a generator that died early is not a good checkpoint.
+            its name). The header space is reserved exactly from it. A
+            tensor whose dtype or shape differs from its row is written as
+            it is, and the file describes it, as long as its header entry
+            still fits the reserved space (a row declared ``bfloat16`` for
+            a float32 tensor does); one whose entry outgrows it fails the
+            save with ``ValueError`` naming it. If the iterator stops
+            before it has yielded as many tensors as there are rows, the
+            save fails with ``ValueError`` and nothing is written: a
+            generator that died early is not a good checkpoint.
         rename: if True, atomically replace ``filepath`` with the finished
             file; if False, leave it at ``filepath + ".tmp"`` for the caller.
         metadata: optional ``dict[str, str]`` stored as ``__metadata__``.

@@ -1,8 +1,11 @@
 #include "writer/background_writer.h"
+#include "writer/tensor_writer.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -55,6 +58,54 @@ TEST(BackgroundWriter, WritesTheSameFileAsTheWriterAloneForInterleavedSizes) {
     writer.close_and_keep(/*sync=*/false);
     EXPECT_EQ(read_file(path), read_file(dir.file("direct.tmp"))) << queue;
   }
+}
+
+// An OverlapTarget that keeps the bytes in memory: overlap mode needs
+// nothing of a file but these three calls.
+class BytesTarget final : public OverlapTarget {
+ public:
+  std::uint64_t add(const std::string& name, const at::Tensor& tensor) override {
+    names.push_back(name);
+    return static_cast<std::uint64_t>(tensor.numel()) * tensor.element_size();
+  }
+  void append_owned(const void* data, std::size_t size) override {
+    bytes.append(static_cast<const char*>(data), size);
+  }
+  void append_foreign(const std::string& name, const void* data, std::size_t size,
+                      const std::function<void()>& /*between_chunks*/) override {
+    foreign_names.push_back(name);
+    bytes.append(static_cast<const char*>(data), size);
+  }
+  std::vector<std::string> names;          // the caller's thread's
+  std::vector<std::string> foreign_names;  // the worker's, read after finish()
+  std::string bytes;                       // the worker's, read after finish()
+};
+
+std::string c_order_bytes(const at::Tensor& tensor) {
+  const at::Tensor contiguous = tensor.contiguous();
+  return std::string(static_cast<const char*>(contiguous.const_data_ptr()),
+                     contiguous.numel() * contiguous.element_size());
+}
+
+TEST(BackgroundWriter, AppendsEveryTensorInOrderThroughItsOverlapTarget) {
+  auto items = mixed_stream(5);
+  items.push_back({{"transposed", "I32", {600, 700}}, at::arange(420000, at::kInt).view({700, 600}).t()});
+  BytesTarget target;
+  std::string expected;
+  std::vector<std::string> names;
+  {
+    BackgroundWriter background(target, 0, {});
+    for (const auto& [row, tensor] : items) {
+      background.write(row.name, tensor);
+      expected += c_order_bytes(tensor);
+      names.push_back(row.name);
+    }
+    background.finish();
+  }
+  EXPECT_EQ(target.names, names);
+  EXPECT_TRUE(target.bytes == expected);
+  // Only the large tensors in C order are written from their own memory.
+  EXPECT_EQ(target.foreign_names, (std::vector<std::string>{"t0", "t2", "t4"}));
 }
 
 TEST(BackgroundWriter, HoldsOnlyLargeTensorsInCOrder) {

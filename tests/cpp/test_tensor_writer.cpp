@@ -220,6 +220,36 @@ TEST(TensorWriter, RejectsATensorThatOverflowsTheReservedHeader) {
   EXPECT_TRUE(contains(message, "does not describe")) << message;
 }
 
+TEST(TensorWriter, WritesATensorUnlikeItsRowAsItIsWhileTheHeaderFits) {
+  ScratchDir dir;
+  // The row says BF16 [4] (8 bytes); the tensor is F32 [2] (8 bytes too):
+  // its entry is no longer, so it is written and described as it is.
+  const at::Tensor a = at::tensor({1.5f, -2.0f});
+  {
+    TensorWriter writer(dir.file("f.tmp"), {{"a", "BF16", {4}}}, {});
+    writer.write("a", a);
+    writer.close_and_rename(dir.file("f"), /*sync=*/false);
+  }
+  const std::string planned = R"({"a":{"dtype":"BF16","shape":[4],"data_offsets":[0,8]}})";
+  const std::string json = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  const std::size_t reserved = (planned.size() + 7) / 8 * 8;
+  std::string expected(8, '\0');
+  expected[0] = static_cast<char>(reserved);
+  expected += json + std::string(reserved - json.size(), ' ') + bytes_of(a);
+  EXPECT_EQ(read_file(dir.file("f")), expected);
+}
+
+TEST(TensorWriter, RejectsATensorUnlikeItsRowWhoseEntryOutgrowsTheReservedHeader) {
+  ScratchDir dir;
+  TensorWriter writer(dir.file("f.tmp"), {{"a", "BF16", {4}}}, {});
+  const at::Tensor large = at::zeros({1}, at::kByte).expand({123456789});
+  const std::string message = value_error([&] { writer.write("a", large); });
+  EXPECT_TRUE(contains(message, "'a' (U8, shape [123456789]) does not fit in the header "
+                                "reserved from state_dict_meta")) << message;
+  EXPECT_TRUE(contains(message, "differ from its row in dtype or shape only while the header "
+                                "still fits")) << message;
+}
+
 TEST(TensorWriter, RejectsDuplicateAndReservedNames) {
   ScratchDir dir;
   TensorWriter writer(dir.file("f.tmp"), {{"a", "F32", {1}}, {"b", "F32", {1}}}, {});
