@@ -388,7 +388,8 @@ std::string CheckpointFinisher::finish() {
     // index makes the folder look complete. A crash in between leaves new
     // shards without an index, which no loader takes for a checkpoint.
     const std::string single = s.path_of(shard_filename(s.plan.filename_pattern, 1, 1));
-    if (!is_directory(single)) {
+    struct stat found {};
+    if (::lstat(single.c_str(), &found) == 0 && !S_ISDIR(found.st_mode)) {
       try {
         remove_file(single);
       } catch (const OsError& error) {
