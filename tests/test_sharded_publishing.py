@@ -301,3 +301,25 @@ def test_a_filename_pattern_that_could_overwrite_an_index_a_temp_file_or_a_folde
                                filename_pattern=pattern)
     assert says in str(raised.value)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_dangling_symlink_as_save_directory_is_an_error_naming_the_link(tmp_path):
+    link = tmp_path / "ckpt"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError) as raised:
+        save(link, 3, 0, SHARDED)
+    assert raised.value.filename == str(link)
+
+
+def test_empty_tensors_are_planned_in_yield_order_where_the_hub_groups_them_as_the_readme_says():
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from trinity_stream_saver import collect_state_dict_meta, plan_shards
+
+    state_dict = {"a": torch.zeros(0), "b": torch.ones(100), "c": torch.ones(100), "d": torch.zeros(0, 3)}
+    hub = split_torch_state_dict_into_shards(state_dict, max_shard_size=500).tensor_to_filename
+    ours = plan_shards(collect_state_dict_meta(state_dict.items()), 500).tensor_to_filename
+    # The hub takes all empty tensors for one storage and puts "d" with "a".
+    assert hub["d"] == hub["a"] != ours["d"] == ours["c"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "zero-size tensors" in readme and "can differ from `save_pretrained`'s" in readme
