@@ -62,8 +62,26 @@ void check_filename_pattern(const std::string& pattern) {
     throw ValueError(where + " must be a file name, without '/'; pass the folder as "
                      "save_directory.");
   }
-  if (with_suffix(pattern, "").empty()) {
+  const std::string single = with_suffix(pattern, "");
+  if (single.empty()) {
     throw ValueError(where + " gives an empty file name for a single-file checkpoint.");
+  }
+  if (single == "." || single == "..") {
+    throw ValueError(where + " gives the file name '" + single +
+                     "' for a single-file checkpoint, which names a folder; use a name such "
+                     "as 'model{suffix}.safetensors'.");
+  }
+  // A single file named like an index would be written over the folder's
+  // JSON index (model{suffix}.safetensors.index.json gives
+  // model.safetensors.index.json), one named like a temporary file over
+  // another save's; shard names end as the pattern does.
+  for (const std::string_view reserved : {kIndexExtension, std::string_view(".tmp")}) {
+    if (single.ends_with(reserved) || pattern.ends_with(reserved)) {
+      throw ValueError(where + " gives file names ending in '" + std::string(reserved) +
+                       "', which this library keeps for " +
+                       (reserved == kIndexExtension ? "indexes" : "temporary files") +
+                       "; end it with '.safetensors' (e.g. 'model{suffix}.safetensors').");
+    }
   }
 }
 
@@ -80,8 +98,11 @@ bool is_checkpoint_filename(const std::string& pattern, const std::string& filen
   const std::string_view prefix(pattern.data(), field);
   const std::string_view suffix = std::string_view(pattern).substr(field + kSuffixField.size());
   std::string_view name(filename);
-  if (name.size() >= kIndexExtension.size() && name.ends_with(kIndexExtension)) {
+  // Only the index a save writes: the single file's name plus ".index.json"
+  // (never "<shard name>.index.json", which no save writes).
+  if (name.ends_with(kIndexExtension)) {
     name.remove_suffix(kIndexExtension.size());
+    return name == with_suffix(pattern, "");
   }
   if (!name.starts_with(prefix)) return false;
   name.remove_prefix(prefix.size());

@@ -13,7 +13,9 @@
 namespace trinity_stream_saver {
 
 // Throws ValueError unless `pattern` holds exactly one "{suffix}", no other
-// brace (Python's str.format would read it differently) and no '/'.
+// brace (Python's str.format would read it differently) and no '/', and
+// gives file names that are neither "." nor ".." nor end in ".index.json"
+// or ".tmp" (an index's or a temporary file's name).
 void check_filename_pattern(const std::string& pattern);
 
 // The pattern with "{suffix}" replaced by "-<number>-of-<count>" (both
@@ -22,8 +24,8 @@ void check_filename_pattern(const std::string& pattern);
 std::string shard_filename(const std::string& pattern, std::size_t number, std::size_t count);
 
 // Whether `filename` is a file a save with `pattern` writes: the single
-// file, a shard "-NNNNN-of-NNNNN" or an index of either (huggingface_hub's
-// rule for the files it clears before a save).
+// file, a shard "-NNNNN-of-NNNNN" or the index (the single file's name
+// plus ".index.json").
 bool is_checkpoint_filename(const std::string& pattern, const std::string& filename);
 
 // The indices in plan.files of the files named `filenames`, in that order.

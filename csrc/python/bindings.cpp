@@ -233,6 +233,23 @@ py::bytes finish_sharded_from_python(const ShardPlan& plan, const std::string& d
   return py::bytes(written);
 }
 
+std::unique_ptr<CheckpointFinisher> make_checkpoint_finisher(
+    const ShardPlan& plan, const std::string& directory, py::handle metadata,
+    std::optional<std::uint64_t> total_parameters, bool sync) {
+  const ShardWriteOptions options = write_options(metadata, total_parameters, sync, false);
+  py::gil_scoped_release nogil;
+  return std::make_unique<CheckpointFinisher>(directory, plan, options);
+}
+
+py::bytes finish_checkpoint(CheckpointFinisher& finisher) {
+  std::string written;
+  {
+    py::gil_scoped_release nogil;
+    written = finisher.finish();
+  }
+  return py::bytes(written);
+}
+
 void finalize_without_gil(const std::string& temp_path, const std::string& destination, bool sync) {
   py::gil_scoped_release nogil;
   finalize(temp_path, destination, sync);
@@ -331,6 +348,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("finish_sharded_checkpoint", &tss::finish_sharded_from_python, py::arg("plan"),
         py::arg("directory"), py::arg("metadata"), py::arg("total_parameters"), py::arg("sync"),
         "Writes the index (when sharded) and removes an older checkpoint's files.");
+  py::class_<tss::CheckpointFolderLock>(
+      m, "CheckpointFolderLock",
+      "Holds a folder for one sharded save (sharded_saver.h); OSError EBUSY while another holds it.")
+      .def(py::init<const std::string&>(), py::arg("directory"))
+      .def("release", &tss::CheckpointFolderLock::release, "Lets the next save take the folder.");
+  py::class_<tss::CheckpointFinisher>(
+      m, "CheckpointFinisher",
+      "Phase 3 of a sharded save, the index written before phase 2 (sharded_saver.h).")
+      .def(py::init(&tss::make_checkpoint_finisher), py::arg("plan"), py::arg("directory"),
+           py::arg("metadata"), py::arg("total_parameters"), py::arg("sync"))
+      .def("finish", &tss::finish_checkpoint,
+           "Puts the index in place and removes an older checkpoint's files; returns the path.");
   m.def("check_file", &tss::check_file_without_gil, py::arg("path"),
         "Raises ValueError naming path and the problem unless it is a complete "
         "safetensors file (header length, JSON, dtypes, offsets covering the data, size).");

@@ -4,6 +4,7 @@
 // writes the index. Knows torch; knows nothing of Python.
 #include <trinity_stream_saver/sharded_saver.h>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include "io/directory.h"
 #include "io/durability.h"
 #include "io/file_sink.h"
+#include "io/folder_lock.h"
 #include "io/temp_file.h"
 #include "writer/stream_loop.h"
 #include "writer/tensor_writer.h"
@@ -229,6 +231,11 @@ void ShardedWriter::write(const TensorSource& next) {
       s.close(file, *writer);
     }
     s.check_complete();
+    // An empty state dict plans one file without tensors, which no item
+    // opened: it is written now, so that the save leaves a loadable file.
+    for (std::size_t file = 0; file < s.plan.files.size(); ++file) {
+      if (s.mine[file] && s.plan.files[file].tensors.empty()) s.close(file, *s.open(file));
+    }
   } catch (...) {
     s.remove_kept();
     throw;
@@ -271,31 +278,46 @@ std::vector<std::size_t> all_files(const ShardPlan& plan) {
   return files;
 }
 
-std::string finish_sharded_checkpoint(const std::string& directory, const ShardPlan& plan,
-                                      const ShardWriteOptions& options) {
-  std::unordered_set<std::string> keep;
-  for (const ShardFile& file : plan.files) keep.insert(file.filename);
-  std::string result = join_path(directory, plan.files.front().filename);
-  if (plan.is_sharded()) {
-    const std::string json = shard_index_json(
-        plan, options.total_parameters.value_or(plan.total_parameters), options.metadata);
-    result = join_path(directory, plan.index_filename());
-    FileSink sink(result + ".tmp");
-    sink.append(json.data(), json.size());
-    sink.close_and_rename(result, options.fsync);
-    keep.insert(plan.index_filename());
-  }
-  // As save_pretrained does: an older checkpoint's files that the new one
-  // does not replace would confuse loaders (an old single file next to the
-  // new index, shards of another count).
-  std::optional<OsError> failed;
-  bool removed = false;
+struct CheckpointFolderLock::State {
+  FileDescriptor held;
+};
+
+CheckpointFolderLock::CheckpointFolderLock(const std::string& directory)
+    : state_(std::make_unique<State>(State{lock_folder(directory)})) {}
+
+CheckpointFolderLock::~CheckpointFolderLock() = default;
+
+void CheckpointFolderLock::release() noexcept { state_->held.reset(); }
+
+namespace {
+
+bool is_directory(const std::string& path) {
+  struct stat info {};
+  return ::lstat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
+}
+
+// Removes what a save with `plan`'s pattern writes and `plan` does not
+// name. Indexes go first: an index that outlives a shard it names is a
+// broken checkpoint to every index-based loader, while a shard that
+// outlives its index is only a stray file (which verify notes).
+void remove_older_checkpoint(const std::string& directory, const ShardPlan& plan,
+                             const std::unordered_set<std::string>& keep, bool sync,
+                             const std::string& result) {
+  std::vector<std::string> stale;
   for (const std::string& name : list_directory(directory)) {
     if (keep.count(name) != 0 || !is_checkpoint_filename(plan.filename_pattern, name)) continue;
+    // A folder of that name is the user's, never a file a save wrote.
+    if (is_directory(join_path(directory, name))) continue;
+    stale.push_back(name);
+  }
+  const std::string index = plan.index_filename();
+  std::stable_partition(stale.begin(), stale.end(),
+                        [&](const std::string& name) { return name == index; });
+  std::optional<OsError> failed;
+  for (const std::string& name : stale) {
     const std::string path = join_path(directory, name);
     try {
       remove_file(path);
-      removed = true;
     } catch (const OsError& error) {
       if (!failed) {
         failed.emplace(error.error_number(), path,
@@ -304,9 +326,91 @@ std::string finish_sharded_checkpoint(const std::string& directory, const ShardP
       }
     }
   }
-  if (removed && options.fsync) sync_parent_directory(result);
+  if (!stale.empty() && sync) sync_parent_directory(result);
   if (failed) throw *failed;
+}
+
+}  // namespace
+
+struct CheckpointFinisher::State {
+  std::string directory;
+  ShardPlan plan;
+  ShardWriteOptions options;
+  // The index under its temporary name, with the descriptor that holds its
+  // lock until the rename (see ShardedWriter::State::kept).
+  std::string index_temp;
+  FileDescriptor index_lock;
+  bool finished = false;
+
+  std::string path_of(const std::string& name) const { return join_path(directory, name); }
+};
+
+CheckpointFinisher::CheckpointFinisher(std::string directory, ShardPlan plan,
+                                       ShardWriteOptions options)
+    : state_(std::make_unique<State>()) {
+  State& s = *state_;
+  s.directory = std::move(directory);
+  s.plan = std::move(plan);
+  s.options = std::move(options);
+  if (!s.plan.is_sharded()) return;
+  const std::string json = shard_index_json(
+      s.plan, s.options.total_parameters.value_or(s.plan.total_parameters), s.options.metadata);
+  const std::string index = s.path_of(s.plan.index_filename());
+  check_destination(index);
+  FileSink sink(index + ".tmp");
+  sink.append(json.data(), json.size());
+  s.index_lock = sink.close_and_keep(s.options.fsync);
+  s.index_temp = sink.path();
+}
+
+CheckpointFinisher::~CheckpointFinisher() {
+  State& s = *state_;
+  if (!s.finished && s.index_lock && still_named(s.index_lock, s.index_temp)) {
+    ::unlink(s.index_temp.c_str());
+  }
+}
+
+std::string CheckpointFinisher::finish() {
+  State& s = *state_;
+  if (s.finished) throw std::logic_error("CheckpointFinisher::finish() was called twice");
+  std::unordered_set<std::string> keep;
+  for (const ShardFile& file : s.plan.files) keep.insert(file.filename);
+  std::string result = s.path_of(s.plan.files.front().filename);
+  if (s.plan.is_sharded()) {
+    // transformers loads model.safetensors when there is one, whatever index
+    // lies next to it: an older single file must be gone before the new
+    // index makes the folder look complete. A crash in between leaves new
+    // shards without an index, which no loader takes for a checkpoint.
+    const std::string single = s.path_of(shard_filename(s.plan.filename_pattern, 1, 1));
+    struct stat found {};
+    if (::lstat(single.c_str(), &found) == 0 && !S_ISDIR(found.st_mode)) {
+      try {
+        remove_file(single);
+      } catch (const OsError& error) {
+        throw OsError(error.error_number(), single,
+                      "remove the older single-file checkpoint, which loaders would prefer to "
+                      "the new index; the new shards are in place but the index was not "
+                      "written: remove the file by hand and save again");
+      }
+    }
+    result = s.path_of(s.plan.index_filename());
+    check_still_named(s.index_lock, s.index_temp);
+    rename_into_place(s.index_temp, result);
+    s.index_lock.reset();
+    if (s.options.fsync) sync_parent_directory(result);
+    keep.insert(s.plan.index_filename());
+  }
+  s.finished = true;
+  // As save_pretrained does: an older checkpoint's files that the new one
+  // does not replace would confuse loaders (an old index next to the new
+  // single file, shards of another count).
+  remove_older_checkpoint(s.directory, s.plan, keep, s.options.fsync, result);
   return result;
+}
+
+std::string finish_sharded_checkpoint(const std::string& directory, const ShardPlan& plan,
+                                      const ShardWriteOptions& options) {
+  return CheckpointFinisher(directory, plan, options).finish();
 }
 
 std::string save_sharded_streaming(const TensorSource& next, const std::string& directory,
@@ -314,9 +418,12 @@ std::string save_sharded_streaming(const TensorSource& next, const std::string& 
   // The writer checks its arguments before the directory is made.
   ShardedWriter writer(directory, plan, all_files(plan), options);
   create_directories(directory);
+  const CheckpointFolderLock lock(directory);
+  // Before any data: a failure to write the index costs nothing yet.
+  CheckpointFinisher finisher(directory, plan, options);
   writer.write(next);
   writer.commit();
-  return finish_sharded_checkpoint(directory, plan, options);
+  return finisher.finish();
 }
 
 std::string save_sharded_streaming(const TensorSource& next, const std::string& directory,

@@ -47,8 +47,9 @@ inline constexpr const char* kDefaultFilenamePattern = "model{suffix}.safetensor
 // save always leaves a loadable checkpoint.
 //
 // Throws ValueError naming the row for a bad row or a duplicate name, and
-// for a pattern without exactly one "{suffix}", with other braces, or with
-// a '/' (a file name, not a path).
+// for a pattern without exactly one "{suffix}", with other braces, with a
+// '/' (a file name, not a path), or giving names that a folder's index or
+// temporary files use ("....index.json", "....tmp") or "." / "..".
 ShardPlan plan_shards(const std::vector<TensorMeta>& meta,
                       std::uint64_t max_shard_size = kDefaultMaxShardSize,
                       const std::string& filename_pattern = kDefaultFilenamePattern);

@@ -12,10 +12,16 @@
 //   1. ShardedWriter::write: every file (or a given subset) under a
 //      temporary name "<file>.tmp"; nothing visible changes.
 //   2. ShardedWriter::commit: the temporary files take their final names.
-//   3. finish_sharded_checkpoint: the index, then the removal of files an
-//      older save left (once, after every writer committed).
+//   3. finish_sharded_checkpoint (or a CheckpointFinisher made before
+//      phase 2): the index, then the removal of files an older save left
+//      (once, after every writer committed).
+// One process holds a CheckpointFolderLock on the folder through all three,
+// so that two saves into one folder never remove each other's files.
 // Until phase 2 a failure leaves the folder as it was. During phases 2 and
-// 3 a crash can leave a mix of old and new files (each file whole).
+// 3 a crash can leave a mix of old and new files (each file whole), in an
+// order chosen so that a loader's first choice is never stale: an older
+// single file goes before the new index appears, and an older index goes
+// before the shards it names.
 #pragma once
 
 #include <cstddef>
@@ -71,7 +77,8 @@ struct ShardOptions : ShardWriteOptions {
 // state_dict_meta's order (before the rest of the file being written), or
 // is missing at the end. On any error before the renames, the folder is
 // left as it was, without temporary files (a folder the save created stays,
-// empty).
+// empty). Holds a CheckpointFolderLock throughout: OsError EBUSY while
+// another sharded save into `directory` runs.
 std::string save_sharded_streaming(const TensorSource& next, const std::string& directory,
                                    const std::vector<TensorMeta>& state_dict_meta,
                                    const ShardOptions& options = {});
@@ -116,12 +123,62 @@ class ShardedWriter final {
 // The indices of all of `plan`'s files.
 std::vector<std::size_t> all_files(const ShardPlan& plan);
 
-// Phase 3, once every file is committed: writes the index when the plan is
-// sharded (temporary file plus rename), then removes the files in
-// `directory` that a save with plan.filename_pattern writes and `plan` does
-// not name (older shards, an older single file or index). Returns the
-// index's path or the single file's path. Throws OsError; if only a
-// removal failed, the new checkpoint is complete and the error says so.
+// Holds `directory` (which must exist) for one sharded save, from before
+// its first temporary file to the end of its clean-up: a second save into
+// the folder fails at once with EBUSY instead of removing this one's files.
+// Take it in one process per save: a distributed save takes it on the rank
+// that finishes the checkpoint only, its other ranks write their files
+// into the held folder. Released by release() or the destructor, and by
+// the kernel when the process dies.
+class CheckpointFolderLock final {
+ public:
+  // Throws OsError: EBUSY while another save holds the folder, ENOENT or
+  // ENOTDIR if `directory` is not a folder.
+  explicit CheckpointFolderLock(const std::string& directory);
+  ~CheckpointFolderLock();
+  CheckpointFolderLock(const CheckpointFolderLock&) = delete;
+  CheckpointFolderLock& operator=(const CheckpointFolderLock&) = delete;
+
+  void release() noexcept;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+// Phase 3, split so that the index can fail before any shard is renamed:
+// its bytes depend on the plan only, so it is written under its temporary
+// name first, and a full disk or a directory at the index's path leaves
+// the older checkpoint whole.
+class CheckpointFinisher final {
+ public:
+  // For a sharded plan, checks the index's path and writes the index as
+  // "<index>.tmp" in `directory` (which must exist). Nothing visible
+  // changes. Throws OsError (EISDIR for a directory at the index's path)
+  // and ValueError as check_index_metadata.
+  CheckpointFinisher(std::string directory, ShardPlan plan, ShardWriteOptions options);
+  // Removes the index's temporary file unless finish() put it in place.
+  ~CheckpointFinisher();
+  CheckpointFinisher(const CheckpointFinisher&) = delete;
+  CheckpointFinisher& operator=(const CheckpointFinisher&) = delete;
+
+  // Once every file is committed: for a sharded plan, removes an older
+  // single file (loaders prefer it to an index) and then renames the index
+  // into place; then removes the files in `directory` that a save with
+  // plan.filename_pattern writes and `plan` does not name, an older index
+  // before the shards it names. Directories are never removed. Returns the
+  // index's path or the single file's path. Throws OsError; if only a
+  // removal after the index failed, the new checkpoint is complete and the
+  // error says so. Called once.
+  std::string finish();
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+// CheckpointFinisher(directory, plan, options).finish(): phase 3 for a
+// caller that did not prepare the index before phase 2.
 std::string finish_sharded_checkpoint(const std::string& directory, const ShardPlan& plan,
                                       const ShardWriteOptions& options);
 

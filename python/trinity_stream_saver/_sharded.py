@@ -63,6 +63,13 @@ def plan_shards(
     _check_meta(state_dict_meta)
     if not isinstance(filename_pattern, str):
         raise TypeError(f"filename_pattern must be a str, not {type(filename_pattern).__name__}.")
+    try:
+        filename_pattern.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"filename_pattern {filename_pattern!r} cannot be encoded as UTF-8 ({error.reason} at "
+            f"position {error.start}); the index names files in UTF-8, use a str of text."
+        ) from None
     plan = _C.plan_shards(state_dict_meta, _resolve_dtype, _parse_size(max_shard_size), filename_pattern)
     filename_to_tensors = {}
     tensor_to_filename = {}

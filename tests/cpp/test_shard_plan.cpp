@@ -95,17 +95,19 @@ TEST(PlanShards, RejectsPatternsPythonWouldFormatDifferently) {
   }
 }
 
-TEST(CheckpointFilenames, MatchTheHubsRuleForFilesToClear) {
+TEST(CheckpointFilenames, AreTheNamesASaveWrites) {
   const std::string pattern = "model{suffix}.safetensors";
   for (const std::string name :
-       {"model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
-        "model-00003-of-00010.safetensors.index.json"}) {
+       {"model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json"}) {
     EXPECT_TRUE(is_checkpoint_filename(pattern, name)) << name;
   }
+  // No save writes an index named after a shard: a user's file of that
+  // name is not the clean-up's to remove.
   for (const std::string name :
        {"model.safetensors.tmp", "model.safetensors.backup", "model-1-of-2.safetensors",
         "model-0000a-of-00002.safetensors", "other.safetensors", "config.json",
-        "model-00001-of-00002.safetensors.tmp"}) {
+        "model-00001-of-00002.safetensors.tmp", "model-00003-of-00010.safetensors.index.json",
+        "model.safetensors.tmp.index.json"}) {
     EXPECT_FALSE(is_checkpoint_filename(pattern, name)) << name;
   }
 }
@@ -128,6 +130,15 @@ TEST(FileIndices, RejectsANameThatIsNotAFileOfThePlanNamingIt) {
               std::string::npos)
         << error.what();
   }
+}
+
+TEST(FilenamePattern, RefusesNamesOfAnIndexATempFileOrAFolder) {
+  for (const std::string pattern :
+       {"model{suffix}.safetensors.index.json", "model.index.json{suffix}",
+        "model{suffix}.safetensors.tmp", ".{suffix}.", "{suffix}.."}) {
+    EXPECT_THROW(plan_shards({}, 10, pattern), ValueError) << pattern;
+  }
+  EXPECT_NO_THROW(plan_shards({}, 10, "model{suffix}.safetensors"));
 }
 
 }  // namespace

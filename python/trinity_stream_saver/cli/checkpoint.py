@@ -155,9 +155,13 @@ def open_checkpoint(path: os.PathLike | str) -> Checkpoint:
             f"{', '.join(_FOLDER_LAYOUTS)}, or *.safetensors files."
         )
     if path.name.endswith(".index.json"):
-        files, metadata = _read_index(path)
+        index = read_index(path)
+        for file in index.files:
+            if not file.is_file():
+                raise CheckpointError(f"{path}: names the file {file.name}, which does not exist.")
+        files = index.files
         kind = "safetensors" if all(f.suffix == SAFETENSORS_SUFFIX for f in files) else "torch"
-        return Checkpoint(path, kind, files, folder=path.parent, index_metadata=metadata)
+        return Checkpoint(path, kind, files, folder=path.parent, index_metadata=index.metadata)
     if path.suffix == SAFETENSORS_SUFFIX:
         return Checkpoint(path, "safetensors", [path])
     if path.suffix in TORCH_SUFFIXES:
@@ -168,20 +172,85 @@ def open_checkpoint(path: os.PathLike | str) -> Checkpoint:
     )
 
 
-def _read_index(path: Path) -> tuple[list[Path], Optional[dict]]:
+@dataclass(frozen=True)
+class Index:
+    """A checkpoint's index (model.safetensors.index.json and the like)."""
+
+    path: Path
+    weight_map: dict[str, str]  # tensor name -> file name, each a plain name next to the index
+    metadata: Optional[dict]
+    #: keys the JSON lists more than once (the last one is kept, as json does)
+    duplicates: list[str]
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path.parent / name for name in sorted(set(self.weight_map.values()))]
+
+
+def read_index(path: Path) -> Index:
+    """The index at ``path``, with every file it names checked to lie in its
+    folder. A checkpoint may be downloaded from anyone: an index naming
+    ``../other.safetensors``, an absolute path or a symbolic link out of the
+    folder would make ``convert`` copy, and ``verify`` vouch for, files the
+    checkpoint does not hold. Raises CheckpointError naming the entry."""
+    duplicates: list[str] = []
     try:
-        index = json.loads(path.read_bytes())
-        weight_map = index["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        document = json.loads(path.read_bytes(), object_pairs_hook=_pairs_noting(duplicates))
+    except (ValueError, RecursionError) as error:
+        raise CheckpointError(f"{path}: not a checkpoint index: not valid JSON ({error}).") from None
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict):
         raise CheckpointError(
-            f"{path}: not a checkpoint index (a JSON object with a \"weight_map\" "
-            f"of tensor name to file name): {error}"
-        ) from None
-    for name in files:
-        if not (path.parent / name).is_file():
-            raise CheckpointError(f"{path}: names the file {name}, which does not exist.")
-    return [path.parent / name for name in files], index.get("metadata")
+            f'{path}: not a checkpoint index: no "weight_map" object of tensor name to file name.'
+        )
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CheckpointError(
+                f'{path}: "weight_map" places tensor {name!r} in {file!r}, which is not a file name.'
+            )
+        _check_next_to(path, file, f"tensor {name!r}")
+    metadata = document.get("metadata")
+    return Index(path, weight_map, metadata if isinstance(metadata, dict) else None, duplicates)
+
+
+def _pairs_noting(duplicates: list[str]):
+    """A json object_pairs_hook that builds dicts as json does and appends
+    to ``duplicates`` every key an object lists more than once."""
+
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        found = dict(items)
+        if len(found) != len(items):
+            seen: set[str] = set()
+            duplicates.extend(key for key, _ in items if key in seen or seen.add(key))
+        return found
+
+    return pairs
+
+
+def _check_next_to(index: Path, name: str, what: str) -> None:
+    """Raises CheckpointError unless ``name`` is a plain file name whose file
+    lies in the index's folder. A symbolic link is followed only into that
+    folder, or, in a Hugging Face cache snapshot (``snapshots/<revision>/``),
+    into the repository's ``blobs/``, where the hub keeps the files it links."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise CheckpointError(
+            f"{index}: places {what} in {name!r}, which is not a plain file name; an index may "
+            f"only name files in its own folder. Do not use a checkpoint whose index reaches "
+            f"outside its folder."
+        )
+    file = index.parent / name
+    if not file.is_symlink():
+        return
+    folder = Path(os.path.realpath(index.parent))
+    allowed = [folder]
+    if folder.parent.name == "snapshots":
+        allowed.append(folder.parent.parent / "blobs")
+    target = Path(os.path.realpath(file))
+    if not any(target.parent == place for place in allowed):
+        raise CheckpointError(
+            f"{index}: places {what} in {name}, a symbolic link to {target}, outside the "
+            f"checkpoint's folder; an index may only name files in its own folder."
+        )
 
 
 # --------------------------------------------------------------------------
@@ -282,7 +351,19 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     _C.check_file(os.fsencode(path))
     with open(path, "rb") as file:
         (length,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(length))
+        raw = file.read(length)
+    duplicates: list[str] = []
+    try:
+        header = json.loads(raw, object_pairs_hook=_pairs_noting(duplicates))
+    except ValueError as error:  # text that is not UTF-8 (a UnicodeDecodeError)
+        raise ValueError(f"{path}: the header is not UTF-8 JSON ({error}).") from None
+    if duplicates:
+        # json keeps the last, the safetensors library refuses the file, and
+        # other readers keep the first: the file means different things to each.
+        raise ValueError(
+            f"{path}: the header lists {duplicates[0]!r} more than once; readers disagree on "
+            f"which one holds, so the file is ambiguous. Re-save it from its source."
+        )
     metadata = header.pop("__metadata__", None)
     return SafetensorsHeader(header, metadata)
 

@@ -127,11 +127,25 @@ def _stage_side_files(checkpoint: Checkpoint, folder: Path, staged: list, *, fsy
     for path in checkpoint.side_files():
         temporary = folder / (path.name + ".tmp")
         staged.append((temporary, folder / path.name))
-        with open(path, "rb") as source, open(temporary, "wb") as copy:
+        with open(path, "rb") as source, os.fdopen(_create_new(temporary), "wb") as copy:
             shutil.copyfileobj(source, copy)
             if fsync:
                 copy.flush()
                 os.fsync(copy.fileno())
+
+
+def _create_new(path: Path) -> int:
+    """A descriptor of a new, empty file at ``path``, created as the saver
+    creates its temporary files: whatever is there (debris of a killed run,
+    or a symbolic link or FIFO planted there) is removed, never opened or
+    followed, and the file is created with O_EXCL | O_NOFOLLOW."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: a folder is in the way of a temporary file; remove it.") from None
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
 
 
 def _install_side_files(staged: list, folder: Path, *, fsync: bool) -> None:

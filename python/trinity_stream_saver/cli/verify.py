@@ -18,11 +18,13 @@ from .checkpoint import (
     SAFETENSORS_SUFFIX,
     CheckpointError,
     open_checkpoint,
+    read_index,
     read_safetensors_header,
     safe_open_file,
 )
 
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
 
 
 @dataclass
@@ -96,6 +98,13 @@ def check(path: Path, report: Report) -> Optional[dict[Path, dict[str, dict]]]:
 def _layout(path: Path, report: Report) -> Optional[Layout]:
     if path.is_dir():
         if (path / INDEX_NAME).is_file():
+            if (path / SINGLE_NAME).exists():
+                report.problem(
+                    path,
+                    f"holds both {SINGLE_NAME} and {INDEX_NAME}: loaders take {SINGLE_NAME} and "
+                    f"ignore the index, so one of them is stale (left by an interrupted save?); "
+                    f"remove the one that is not the checkpoint you mean.",
+                )
             return _indexed_layout(path / INDEX_NAME, report)
         files = sorted(path.glob("*" + SAFETENSORS_SUFFIX))
         if not files:
@@ -112,11 +121,14 @@ def _layout(path: Path, report: Report) -> Optional[Layout]:
 
 def _indexed_layout(index: Path, report: Report) -> Optional[Layout]:
     folder = index.parent
-    document = _read_index(index, report)
-    if document is None:
+    try:
+        document = read_index(index)
+    except CheckpointError as error:
+        report.problems.append(str(error))
         return None
-    weight_map = document["weight_map"]
-    files = [folder / name for name in sorted(set(weight_map.values()))]
+    for name in document.duplicates:
+        report.problem(index, f"{name!r} is listed more than once (duplicated).")
+    files = document.files
     named = {file.name for file in files}
     stale = sorted(
         file.name for file in folder.glob("*" + SAFETENSORS_SUFFIX) if file.name not in named
@@ -126,33 +138,7 @@ def _indexed_layout(index: Path, report: Report) -> Optional[Layout]:
             f"{folder}: {', '.join(stale)} not named by {index.name}; loaders ignore "
             f"{'them' if len(stale) > 1 else 'it'} (left by an interrupted or older save?)."
         )
-    metadata = document.get("metadata")
-    return Layout(files, folder, index, weight_map, metadata if isinstance(metadata, dict) else {})
-
-
-def _read_index(index: Path, report: Report) -> Optional[dict]:
-    duplicates: list[str] = []
-
-    def pairs(items):
-        seen = set()
-        for key, _ in items:
-            if key in seen:
-                duplicates.append(key)
-            seen.add(key)
-        return dict(items)
-
-    try:
-        document = json.loads(index.read_bytes(), object_pairs_hook=pairs)
-    except (ValueError, UnicodeDecodeError) as error:
-        report.problem(index, f"not valid JSON ({error}).")
-        return None
-    weight_map = document.get("weight_map") if isinstance(document, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        report.problem(index, 'has no "weight_map" object of tensor name to file name.')
-        return None
-    for name in duplicates:
-        report.problem(index, f"tensor {name!r} is listed more than once (duplicated).")
-    return document
+    return Layout(files, folder, index, document.weight_map, document.metadata or {})
 
 
 def _check_names(layout, weight_map, headers, report) -> None:
