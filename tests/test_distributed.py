@@ -414,4 +414,27 @@ def test_a_rank_failing_after_sending_its_pieces_leaves_no_rank_waiting(world2):
     # Within the gloo timeout (60 s) the others would have raised a gloo
     # timeout instead of this error.
     assert_every_rank_raised_and_wrote_nothing(
-        world2, "failure_in_progress_bar", ["0"], "rank 0: ImportError: injected: no tqdm")
+        world2, "failure_after_sending", ["0"], "rank 0: OSError: injected: cannot open the files")
+
+
+# --------------------------------------------------------------------------
+# Casts.
+# --------------------------------------------------------------------------
+
+
+def test_dtype_keeps_float8_weights_as_they_are(tmp_path):
+    state = {"weight": torch.randn(4, 4), "quantized": torch.randn(8).to(torch.float8_e4m3fn),
+             "scale": torch.randn(1)}
+    save_model_streaming(state, tmp_path, dtype=torch.bfloat16)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert saved["quantized"].dtype == torch.float8_e4m3fn
+    assert torch.equal(saved["quantized"].view(torch.uint8), state["quantized"].view(torch.uint8))
+    assert saved["weight"].dtype == torch.bfloat16 and saved["scale"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.float8_e4m3fn, torch.uint8],
+                         ids=str)
+def test_dtype_that_is_not_a_floating_dtype_of_16_bits_or_more_is_refused(tmp_path, dtype):
+    with pytest.raises(ValueError, match=rf"dtype={dtype} is not a floating dtype of 16 bits"):
+        save_model_streaming({"w": torch.randn(4)}, tmp_path, dtype=dtype)
+    assert os.listdir(tmp_path) == []
