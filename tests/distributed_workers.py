@@ -95,9 +95,9 @@ def recording_files():
         committed: list = []
 
         def commit(self):
-            paths = super().commit()
-            RecordingFiles.committed.extend(os.path.basename(path) for path in paths)
-            return paths
+            sizes = super().commit()
+            RecordingFiles.committed.extend(sizes)
+            return sizes
 
     return RecordingFiles
 
@@ -369,10 +369,54 @@ def failure_after_sending(rank, world, mesh, root):
                          storage=FailingFiles if rank == 0 else None, max_shard_size="100KB")
 
 
+def small_state_dict() -> dict:
+    """Four tensors of 400 bytes: with max_shard_size=400, four files, two
+    a rank."""
+    return {f"t{index}": full_tensor(10 + index, (100,)) for index in range(4)}
+
+
+def differing_directories(rank, world, mesh, root):
+    """Each rank names its own folder."""
+    folder = os.path.join(root, "differing", f"rank{rank}")
+    record = {}
+    save(record, small_state_dict(), folder, max_shard_size=400)
+    torch.distributed.barrier()
+    record["exists"] = os.path.exists(folder)
+    return record
+
+
+def _node_save(root, name: str, rank: int, **kwargs) -> dict:
+    """Every rank saves into the same relative path "ckpt" from its own
+    working directory, as ranks on nodes without a shared filesystem save
+    into one path that is a different folder on each node."""
+    node = os.path.join(root, name, f"node{rank}")
+    os.makedirs(node)
+    cwd = os.getcwd()
+    os.chdir(node)
+    record = {}
+    try:
+        save(record, small_state_dict(), "ckpt", max_shard_size=400, **kwargs)
+    finally:
+        os.chdir(cwd)
+    torch.distributed.barrier()
+    folder = os.path.join(node, "ckpt")
+    record["files"] = sorted(os.listdir(folder)) if os.path.isdir(folder) else None
+    return record
+
+
+def no_shared_filesystem(rank, world, mesh, root):
+    return _node_save(root, "no_shared_filesystem", rank)
+
+
+def no_shared_filesystem_writer_rank_zero(rank, world, mesh, root):
+    return _node_save(root, "no_shared_filesystem_writer0", rank, writer_ranks=[0])
+
+
 SCENARIOS = {
     2: [fsdp_round_trip, fsdp_tied_bf16, tensor_parallel_mapping, fsdp_state_dict_mapping,
         writer_rank_zero, memory, memory_writer_rank_zero, unsendable_piece, failure_in_gather, failure_in_write, failure_unstorable_dtype, failure_differing_shapes,
-        failure_wrong_piece, failure_differing_layouts, failure_after_sending],
+        failure_wrong_piece, failure_differing_layouts, failure_after_sending,
+        differing_directories, no_shared_filesystem, no_shared_filesystem_writer_rank_zero],
     3: [fsdp_round_trip, failure_in_gather, failure_mid_receive],
 }
 

@@ -418,6 +418,44 @@ def test_a_rank_failing_after_sending_its_pieces_leaves_no_rank_waiting(world2):
 
 
 # --------------------------------------------------------------------------
+# One folder.
+# --------------------------------------------------------------------------
+
+
+def test_ranks_given_different_folders_fail_every_rank_naming_the_folders(world2):
+    root = world2[0]
+    for rank, record in enumerate(scenario(world2, "differing_directories")):
+        error = record["error"]
+        assert error["type"] == "DistributedSaveError", rank
+        assert list(error["failures"]) == ["1"]
+        assert f"its save_directory '{root / 'differing' / 'rank1'}' is not rank 0's " \
+               f"'{root / 'differing' / 'rank0'}'" in error["message"]
+        assert not record["exists"] and record["committed"] == []
+
+
+def test_ranks_without_a_shared_folder_fail_naming_the_missing_shards_and_no_index_is_written(
+    world2
+):
+    records = scenario(world2, "no_shared_filesystem")
+    missing = records[1]["committed"]  # rank 1's files, absent from rank 0's folder
+    assert missing
+    for rank, record in enumerate(records):
+        error = record["error"]
+        assert error["type"] == "DistributedSaveError", rank
+        assert list(error["failures"]) == ["0"]
+        for name in missing:
+            assert f"{name} (rank 1 wrote" in error["message"]
+        assert "writer_ranks=[0]" in error["message"]
+        assert "model.safetensors.index.json" not in record["files"]
+
+
+def test_ranks_without_a_shared_folder_save_with_writer_rank_zero(world2):
+    writer, other = succeeded(world2, "no_shared_filesystem_writer_rank_zero")
+    assert "model.safetensors.index.json" in writer["files"]
+    assert other["files"] is None  # a rank that writes nothing makes no folder
+
+
+# --------------------------------------------------------------------------
 # Casts.
 # --------------------------------------------------------------------------
 

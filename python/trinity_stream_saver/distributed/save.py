@@ -8,14 +8,15 @@ rank before the next phase starts:
 
 1. prepare (local): arguments, the tensors, the plan, the assignment; then
    the ranks compare what they prepared (ranks that would write two
-   different checkpoints fail here).
+   different checkpoints, or into two different folders, fail here).
 2. write: every rank sends its piece of each sharded tensor to the rank
    that writes it, and the writers write their files under temporary
    names, all at once (feed, transport, storage). A rank that fails still
    receives what was sent to it and makes the remaining collectives, so
    that no rank is left waiting.
 3. commit: the temporary files take their final names.
-4. finish (the first writer rank): the index, then config.json.
+4. finish (the first writer rank): checks that every file is in its folder,
+   then writes the index and config.json.
 Until phase 3 a failure leaves the folder as it was (a folder the save
 created stays, empty).
 
@@ -46,15 +47,16 @@ from .storage import ShardFiles
 class _Agreement:
     """What every rank must prepare alike; exchanged after phase 1."""
 
-    def __init__(self, digest: str, unsendable: list[int]):
+    def __init__(self, digest: str, directory: str, unsendable: list[int]):
         self.digest = digest
+        self.directory = directory
         self.unsendable = unsendable  # entries this rank cannot send in place
 
 
 def _check_agreement(prepared: list[_Agreement], rank: int) -> None:
-    """Raises on a rank whose tensors or arguments differ from rank 0's:
-    the ranks would write parts of two checkpoints, or wait for pieces that
-    never come."""
+    """Raises on a rank whose tensors, arguments or folder differ from rank
+    0's: the ranks would write parts of two checkpoints, or wait for pieces
+    that never come, or write shards where the index is not."""
     mine, first = prepared[rank], prepared[0]
     problems = []
     if mine.digest != first.digest:
@@ -62,10 +64,13 @@ def _check_agreement(prepared: list[_Agreement], rank: int) -> None:
             "its tensors (names, dtypes, shapes after tied weights are removed, how they are "
             "sharded) or arguments (max_shard_size, filename_pattern, writer_ranks, metadata, "
             "dtype) differ from rank 0's")
+    if mine.directory != first.directory:
+        problems.append(f"its save_directory {mine.directory!r} is not rank 0's "
+                        f"{first.directory!r}")
     if problems:
         raise ValueError(
             "; ".join(problems) + "; every rank must save the same model with the same "
-            "arguments.")
+            "arguments into the same folder.")
 
 
 class _RankSave:
@@ -97,7 +102,10 @@ class _RankSave:
         # different models, or (the layouts) wait for pieces that never come.
         digest = hashlib.sha256(repr((rows, self.layouts, _parse_size(max_shard_size),
                                       filename_pattern, writers, self.extra)).encode()).hexdigest()
-        return _Agreement(digest, unsendable)
+        # The path as given (a relative one is the same on nodes whose
+        # working directories have the same path): whether it is one folder
+        # is what the first writer checks before the index.
+        return _Agreement(digest, os.path.normpath(self.directory), unsendable)
 
     def agree(self, prepared: list[_Agreement]) -> None:
         from .transport import agreed_layouts
@@ -139,18 +147,17 @@ class _RankSave:
             if bar is not None:
                 bar.close()
 
-    def commit(self) -> None:
-        if self._storage is not None:
-            self._storage.commit()
+    def commit(self) -> dict[str, int]:
+        return self._storage.commit() if self._storage is not None else {}
 
     def abort(self) -> None:
         if self._storage is not None:
             self._storage.abort()
 
-    def finish(self, model) -> Optional[str]:
+    def finish(self, model, committed: list[dict[str, int]]) -> Optional[str]:
         if self._ranks.rank != self.coordinator:
             return None
-        written = self._storage.finish()
+        written = self._storage.finish(dict(enumerate(committed)))
         save_config(model, self.directory, self.dtype)
         return written
 
@@ -166,9 +173,11 @@ def _save(model, save_directory, transport_type, storage_type, *, max_shard_size
         model, save_directory, max_shard_size, filename_pattern, metadata, dtype, writer_ranks))
     run_phase(ranks, "comparing what the ranks save", lambda: part.agree(prepared))
     run_phase(ranks, "writing", lambda: part.write(progress, fsync), undo=part.abort)
-    run_phase(ranks, "renaming the files (files of other ranks may have replaced older ones)",
-              part.commit, undo=part.abort)
-    written = run_phase(ranks, "writing the index and config", lambda: part.finish(model))
+    committed = run_phase(
+        ranks, "renaming the files (files of other ranks may have replaced older ones)",
+        part.commit, undo=part.abort)
+    written = run_phase(ranks, "writing the index and config",
+                        lambda: part.finish(model, committed))
     return written[part.coordinator]
 
 
@@ -209,7 +218,10 @@ def save_model_streaming(
 
     By default every rank writes, so every rank must see the same
     ``save_directory`` (a shared filesystem); without one pass
-    ``writer_ranks=[0]``. A rank that has finished waits for the others
+    ``writer_ranks=[0]``. Ranks given different ``save_directory`` values
+    fail before writing; before the index is written, the first writer
+    rank checks that every file the ranks wrote is in its folder, with
+    the size written, and every rank fails if not. A rank that has finished waits for the others
     at the end of the writing, as in torch.distributed.checkpoint: the
     slowest rank's share must be written within the process group's
     timeout. Without torch.distributed it saves in this process.
