@@ -71,6 +71,13 @@ def world3(tmp_path_factory):
     return root, run_world(3, root)
 
 
+@pytest.fixture
+def world(request, world_size):
+    """The world of the test's world_size parameter: only that one is
+    spawned when the test is selected alone."""
+    return request.getfixturevalue(f"world{world_size}")
+
+
 def scenario(world, name: str) -> list[dict]:
     """Each rank's record of a scenario; a scenario that crashed fails here."""
     records = [ranks[name] for ranks in world[1]]
@@ -122,9 +129,8 @@ def files_on_disk(folder) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_fsdp2_llama_loads_with_from_pretrained_with_the_unsharded_models_logits(
-    world_size, world2, world3
+    world_size, world
 ):
-    world = {2: world2, 3: world3}[world_size]
     records = succeeded(world, "fsdp_round_trip")
     folder = world[0] / "fsdp"
     assert {record["returned"] for record in records} == {str(folder / "model.safetensors.index.json")}
@@ -132,8 +138,7 @@ def test_fsdp2_llama_loads_with_from_pretrained_with_the_unsharded_models_logits
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_fsdp2_weight_map_is_the_hubs_split_of_the_full_state_dict(world_size, world2, world3):
-    world = {2: world2, 3: world3}[world_size]
+def test_fsdp2_weight_map_is_the_hubs_split_of_the_full_state_dict(world_size, world):
     succeeded(world, "fsdp_round_trip")
     assert_weight_map_is_the_hubs_split(world[0] / "fsdp", "100KB")
 
@@ -271,8 +276,7 @@ def test_single_process_errors_are_raised_as_they_are(tmp_path):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_every_rank_writes_the_files_assigned_to_it(world_size, world2, world3):
-    world = {2: world2, 3: world3}[world_size]
+def test_every_rank_writes_the_files_assigned_to_it(world_size, world):
     records = succeeded(world, "fsdp_round_trip")
     files = index_of(world[0] / "fsdp")["weight_map"].values()
     assert len(set(files)) >= world_size
@@ -328,8 +332,7 @@ def test_a_rank_that_writes_nothing_never_holds_a_whole_parameter(world2):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_a_rank_failing_in_a_gather_raises_on_every_rank_naming_it(world_size, world2, world3):
-    world = {2: world2, 3: world3}[world_size]
+def test_a_rank_failing_in_a_gather_raises_on_every_rank_naming_it(world_size, world):
     failing = world_size - 1
     for rank, record in enumerate(scenario(world, "failure_in_gather")):
         error = record["error"]
@@ -340,8 +343,7 @@ def test_a_rank_failing_in_a_gather_raises_on_every_rank_naming_it(world_size, w
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_a_rank_failing_leaves_the_folder_as_it_was(world_size, world2, world3):
-    world = {2: world2, 3: world3}[world_size]
+def test_a_rank_failing_leaves_the_folder_as_it_was(world_size, world):
     for record in scenario(world, "failure_in_gather"):
         assert record["after"] == record["before"]
         assert not any(name.endswith(".tmp") for name in record["after"])
