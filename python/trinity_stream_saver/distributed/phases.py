@@ -96,8 +96,7 @@ def run_phase(ranks: Ranks, what: str, fn: Callable[[], T],
     return [value for value, _ in reports]
 
 
-def failed(ranks: Ranks, what: str, failures: dict[int, str],
-           advice: Optional[str] = None) -> DistributedSaveError:
+def failed(ranks: Ranks, what: str, failures: dict[int, str]) -> DistributedSaveError:
     """The error every rank raises when the ranks in `failures` failed while
     doing `what`; ranks that failed alike are named together (an argument
     error is usually the same on every rank)."""
@@ -108,6 +107,6 @@ def failed(ranks: Ranks, what: str, failures: dict[int, str],
         f"{'ranks' if len(group) > 1 else 'rank'} {', '.join(map(str, group))}: {text}"
         for text, group in by_text.items()
     )
-    message = (f"save_model_streaming failed while {what} on {len(failures)} of {ranks.size} "
-               f"ranks: {lines}")
-    return DistributedSaveError(message + (f". {advice}" if advice else ""), failures)
+    return DistributedSaveError(
+        f"save_model_streaming failed while {what} on {len(failures)} of {ranks.size} ranks: "
+        f"{lines}", failures)
