@@ -25,6 +25,8 @@ from .transport import Layout
 
 
 class Feed:
+    """The tensors this rank writes, as (name, CPU tensor), each whole."""
+
     def __init__(self, entries, layouts: list[Layout], writer_of: dict, rank: int, transport,
                  dtype: Optional[torch.dtype], sizes: dict, ring_bytes: int):
         self._entries = entries
