@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -85,43 +86,44 @@ def memory_kib(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M).group(1))
 
 
-class RecordingWriter:
-    """Wraps _C.ShardedWriter to record the files this rank committed."""
+def recording_files():
+    """A storage class (see trinity_stream_saver.distributed.storage) that
+    records the files this rank committed in RecordingFiles.committed."""
+    from trinity_stream_saver.distributed.storage import ShardFiles
 
-    committed: list = []
+    class RecordingFiles(ShardFiles):
+        committed: list = []
 
-    def __init__(self, *args):
-        from trinity_stream_saver.distributed import _RealShardedWriter
+        def commit(self):
+            sizes = super().commit()
+            RecordingFiles.committed.extend(sizes)
+            return sizes
 
-        self._writer = _RealShardedWriter(*args)
-
-    def write(self, items):
-        return self._writer.write(items)
-
-    def commit(self):
-        paths = self._writer.commit()
-        RecordingWriter.committed.extend(os.path.basename(os.fsdecode(p)) for p in paths)
-        return paths
-
-    def abort(self):
-        return self._writer.abort()
+    return RecordingFiles
 
 
-def save(record: dict, model, folder: str, **kwargs) -> None:
-    """Runs save_model_streaming, recording what it returned or raised and
-    the files this rank committed."""
+def save(record: dict, model, folder: str, transport=None, storage=None, **kwargs) -> None:
+    """Runs save_model_streaming, with `transport` and `storage` (classes)
+    in place of its own when given, recording what it returned or raised
+    and the files this rank committed."""
     from trinity_stream_saver import save_model_streaming
+    from trinity_stream_saver.distributed.save import _save
+    from trinity_stream_saver.distributed.transport import PointToPoint
 
-    RecordingWriter.committed = []
+    storage = storage or recording_files()
+    storage.committed = []
+    # The public function's defaults, for the arguments not given.
+    call = inspect.signature(save_model_streaming).bind(model, folder, **kwargs)
+    call.apply_defaults()
     try:
-        record["returned"] = save_model_streaming(model, folder, **kwargs)
+        record["returned"] = _save(*call.args, transport or PointToPoint, storage, **call.kwargs)
     except Exception as error:  # the test process checks what was raised
         record["error"] = {
             "type": type(error).__name__,
             "message": str(error),
             "failures": {str(k): v for k, v in getattr(error, "failures", {}).items()},
         }
-    record["committed"] = list(RecordingWriter.committed)
+    record["committed"] = list(storage.committed)
 
 
 # --------------------------------------------------------------------------
@@ -232,27 +234,22 @@ def _failing_setup(rank, world, mesh, root, name):
 
 
 def failure_in_gather(rank, world, mesh, root):
-    """The last rank's third receive of a piece raises before it receives."""
-    from trinity_stream_saver import distributed
+    """The last rank's third receive of a tensor raises before it receives."""
+    from trinity_stream_saver.distributed.transport import PointToPoint
+
+    class FailingThirdReceive(PointToPoint):
+        calls = 0
+
+        def receive(self, *args):
+            FailingThirdReceive.calls += 1
+            if FailingThirdReceive.calls == 3:
+                raise RuntimeError("injected failure in the third gather")
+            return super().receive(*args)
 
     folder, before = _failing_setup(rank, world, mesh, root, "fail_gather")
-    model = fsdp_llama(mesh)
-    original = distributed._receive
-    calls = [0]
-
-    def failing_receive(*args):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise RuntimeError("injected failure in the third gather")
-        return original(*args)
-
-    if rank == world - 1:
-        distributed._receive = failing_receive
     record = {}
-    try:
-        save(record, model, folder, max_shard_size="60KB")
-    finally:
-        distributed._receive = original
+    save(record, fsdp_llama(mesh), folder, FailingThirdReceive if rank == world - 1 else None,
+         max_shard_size="60KB")
     torch.distributed.barrier()
     record["before"], record["after"] = before, snapshot(folder)
     return record
@@ -263,26 +260,24 @@ def failure_mid_receive(rank, world, mesh, root):
     after the first was posted: a drain must receive only the piece that
     has not come (the other is sent once, and waiting for it again would
     last until the gloo timeout)."""
-    folder, before = _failing_setup(rank, world, mesh, root, "fail_mid_receive")
-    model = fsdp_llama(mesh)
-    real_irecv = torch.distributed.irecv
+    from trinity_stream_saver.distributed.transport import PointToPoint
+
     posted: dict = {}
 
-    def failing_irecv(tensor, *args, tag=0, **kwargs):
-        posted[tag] = posted.get(tag, 0) + 1
-        if posted[tag] == 2 and "failed" not in posted:
-            posted["failed"] = tag
-            raise RuntimeError("injected failure in the second receive of a tensor")
-        return real_irecv(tensor, *args, tag=tag, **kwargs)
+    class FailingSecondPost(PointToPoint):
+        def post_receive(self, into, from_rank, tag):
+            posted[tag] = posted.get(tag, 0) + 1
+            if posted[tag] == 2 and "failed" not in posted:
+                posted["failed"] = tag
+                raise RuntimeError("injected failure in the second receive of a tensor")
+            return super().post_receive(into, from_rank, tag)
 
-    if rank == world - 1:
-        torch.distributed.irecv = failing_irecv
+    folder, before = _failing_setup(rank, world, mesh, root, "fail_mid_receive")
+    model = fsdp_llama(mesh)
     record = {}
     start = time.monotonic()
-    try:
-        save(record, model, folder, max_shard_size="60KB")
-    finally:
-        torch.distributed.irecv = real_irecv
+    save(record, model, folder, FailingSecondPost if rank == world - 1 else None,
+         max_shard_size="60KB")
     record["seconds"] = time.monotonic() - start
     record["injected"] = "failed" in posted if rank == world - 1 else None
     torch.distributed.barrier()
@@ -292,12 +287,13 @@ def failure_mid_receive(rank, world, mesh, root):
 
 def failure_in_write(rank, world, mesh, root):
     """A directory where the last rank's first temporary file must go."""
-    from trinity_stream_saver.distributed import assign_files, _entries, _meta
     from trinity_stream_saver import plan_shards
+    from trinity_stream_saver.distributed import assign_files
+    from trinity_stream_saver.distributed.entries import entries, meta
 
     folder, _ = _failing_setup(rank, world, mesh, root, "fail_write")
     model = fsdp_llama(mesh)
-    plan = plan_shards(_meta(_entries(model), None), "60KB")
+    plan = plan_shards(meta(entries(model), None), "60KB")
     blocked = assign_files(plan, list(range(world)))[world - 1][0]
     if rank == 0:
         os.mkdir(os.path.join(folder, blocked + ".tmp"))
@@ -361,29 +357,66 @@ def failure_differing_layouts(rank, world, mesh, root):
     return _failing_save(root, "fail_layouts", {"w": piece if rank == 0 else whole})
 
 
-def failure_in_progress_bar(rank, world, mesh, root):
-    """The progress bar of rank 0 (the coordinator) cannot be made, after
-    the pieces were sent: the other ranks must not wait for rank 0."""
-    from trinity_stream_saver import distributed
+def failure_after_sending(rank, world, mesh, root):
+    """Rank 0 (the coordinator) cannot open its files, after it has sent
+    its pieces: the other ranks must not wait for rank 0."""
 
-    original = distributed._progress_bar
+    class FailingFiles(recording_files()):
+        def __init__(self, *args):
+            raise OSError("injected: cannot open the files")
 
-    def failing_progress_bar(*args):
-        raise ImportError("injected: no tqdm")
+    return _failing_save(root, "fail_after_sending", fsdp_llama(mesh),
+                         storage=FailingFiles if rank == 0 else None, max_shard_size="100KB")
 
-    if rank == 0:
-        distributed._progress_bar = failing_progress_bar
+
+def small_state_dict() -> dict:
+    """Four tensors of 400 bytes: with max_shard_size=400, four files, two
+    a rank."""
+    return {f"t{index}": full_tensor(10 + index, (100,)) for index in range(4)}
+
+
+def differing_directories(rank, world, mesh, root):
+    """Each rank names its own folder."""
+    folder = os.path.join(root, "differing", f"rank{rank}")
+    record = {}
+    save(record, small_state_dict(), folder, max_shard_size=400)
+    torch.distributed.barrier()
+    record["exists"] = os.path.exists(folder)
+    return record
+
+
+def _node_save(root, name: str, rank: int, **kwargs) -> dict:
+    """Every rank saves into the same relative path "ckpt" from its own
+    working directory, as ranks on nodes without a shared filesystem save
+    into one path that is a different folder on each node."""
+    node = os.path.join(root, name, f"node{rank}")
+    os.makedirs(node)
+    cwd = os.getcwd()
+    os.chdir(node)
+    record = {}
     try:
-        return _failing_save(root, "fail_progress", fsdp_llama(mesh), max_shard_size="100KB",
-                             progress=True)
+        save(record, small_state_dict(), "ckpt", max_shard_size=400, **kwargs)
     finally:
-        distributed._progress_bar = original
+        os.chdir(cwd)
+    torch.distributed.barrier()
+    folder = os.path.join(node, "ckpt")
+    record["files"] = sorted(os.listdir(folder)) if os.path.isdir(folder) else None
+    return record
+
+
+def no_shared_filesystem(rank, world, mesh, root):
+    return _node_save(root, "no_shared_filesystem", rank)
+
+
+def no_shared_filesystem_writer_rank_zero(rank, world, mesh, root):
+    return _node_save(root, "no_shared_filesystem_writer0", rank, writer_ranks=[0])
 
 
 SCENARIOS = {
     2: [fsdp_round_trip, fsdp_tied_bf16, tensor_parallel_mapping, fsdp_state_dict_mapping,
         writer_rank_zero, memory, memory_writer_rank_zero, unsendable_piece, failure_in_gather, failure_in_write, failure_unstorable_dtype, failure_differing_shapes,
-        failure_wrong_piece, failure_differing_layouts, failure_in_progress_bar],
+        failure_wrong_piece, failure_differing_layouts, failure_after_sending,
+        differing_directories, no_shared_filesystem, no_shared_filesystem_writer_rank_zero],
     3: [fsdp_round_trip, failure_in_gather, failure_mid_receive],
 }
 
@@ -406,15 +439,11 @@ def run_rank(rank: int, world: int, root: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    import trinity_stream_saver.distributed as distributed
-
     fixed_mmap_threshold()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank,
                             world_size=world, timeout=TIMEOUT)
     mesh = init_device_mesh("cpu", (world,))
-    distributed._RealShardedWriter = distributed._C.ShardedWriter
-    distributed._C.ShardedWriter = RecordingWriter
     results = {}
     for scenario in SCENARIOS[world]:
         try:

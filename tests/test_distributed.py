@@ -71,6 +71,13 @@ def world3(tmp_path_factory):
     return root, run_world(3, root)
 
 
+@pytest.fixture
+def world(request, world_size):
+    """The world of the test's world_size parameter: only that one is
+    spawned when the test is selected alone."""
+    return request.getfixturevalue(f"world{world_size}")
+
+
 def scenario(world, name: str) -> list[dict]:
     """Each rank's record of a scenario; a scenario that crashed fails here."""
     records = [ranks[name] for ranks in world[1]]
@@ -122,9 +129,8 @@ def files_on_disk(folder) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_fsdp2_llama_loads_with_from_pretrained_with_the_unsharded_models_logits(
-    world_size, world2, world3
+    world_size, world
 ):
-    world = {2: world2, 3: world3}[world_size]
     records = succeeded(world, "fsdp_round_trip")
     folder = world[0] / "fsdp"
     assert {record["returned"] for record in records} == {str(folder / "model.safetensors.index.json")}
@@ -132,8 +138,7 @@ def test_fsdp2_llama_loads_with_from_pretrained_with_the_unsharded_models_logits
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_fsdp2_weight_map_is_the_hubs_split_of_the_full_state_dict(world_size, world2, world3):
-    world = {2: world2, 3: world3}[world_size]
+def test_fsdp2_weight_map_is_the_hubs_split_of_the_full_state_dict(world_size, world):
     succeeded(world, "fsdp_round_trip")
     assert_weight_map_is_the_hubs_split(world[0] / "fsdp", "100KB")
 
@@ -271,8 +276,7 @@ def test_single_process_errors_are_raised_as_they_are(tmp_path):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_every_rank_writes_the_files_assigned_to_it(world_size, world2, world3):
-    world = {2: world2, 3: world3}[world_size]
+def test_every_rank_writes_the_files_assigned_to_it(world_size, world):
     records = succeeded(world, "fsdp_round_trip")
     files = index_of(world[0] / "fsdp")["weight_map"].values()
     assert len(set(files)) >= world_size
@@ -328,8 +332,7 @@ def test_a_rank_that_writes_nothing_never_holds_a_whole_parameter(world2):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_a_rank_failing_in_a_gather_raises_on_every_rank_naming_it(world_size, world2, world3):
-    world = {2: world2, 3: world3}[world_size]
+def test_a_rank_failing_in_a_gather_raises_on_every_rank_naming_it(world_size, world):
     failing = world_size - 1
     for rank, record in enumerate(scenario(world, "failure_in_gather")):
         error = record["error"]
@@ -340,8 +343,7 @@ def test_a_rank_failing_in_a_gather_raises_on_every_rank_naming_it(world_size, w
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_a_rank_failing_leaves_the_folder_as_it_was(world_size, world2, world3):
-    world = {2: world2, 3: world3}[world_size]
+def test_a_rank_failing_leaves_the_folder_as_it_was(world_size, world):
     for record in scenario(world, "failure_in_gather"):
         assert record["after"] == record["before"]
         assert not any(name.endswith(".tmp") for name in record["after"])
@@ -414,4 +416,65 @@ def test_a_rank_failing_after_sending_its_pieces_leaves_no_rank_waiting(world2):
     # Within the gloo timeout (60 s) the others would have raised a gloo
     # timeout instead of this error.
     assert_every_rank_raised_and_wrote_nothing(
-        world2, "failure_in_progress_bar", ["0"], "rank 0: ImportError: injected: no tqdm")
+        world2, "failure_after_sending", ["0"], "rank 0: OSError: injected: cannot open the files")
+
+
+# --------------------------------------------------------------------------
+# One folder.
+# --------------------------------------------------------------------------
+
+
+def test_ranks_given_different_folders_fail_every_rank_naming_the_folders(world2):
+    root = world2[0]
+    for rank, record in enumerate(scenario(world2, "differing_directories")):
+        error = record["error"]
+        assert error["type"] == "DistributedSaveError", rank
+        assert list(error["failures"]) == ["1"]
+        assert f"its save_directory '{root / 'differing' / 'rank1'}' is not rank 0's " \
+               f"'{root / 'differing' / 'rank0'}'" in error["message"]
+        assert not record["exists"] and record["committed"] == []
+
+
+def test_ranks_without_a_shared_folder_fail_naming_the_missing_shards_and_no_index_is_written(
+    world2
+):
+    records = scenario(world2, "no_shared_filesystem")
+    missing = records[1]["committed"]  # rank 1's files, absent from rank 0's folder
+    assert missing
+    for rank, record in enumerate(records):
+        error = record["error"]
+        assert error["type"] == "DistributedSaveError", rank
+        assert list(error["failures"]) == ["0"]
+        for name in missing:
+            assert f"{name} (rank 1 wrote" in error["message"]
+        assert "writer_ranks=[0]" in error["message"]
+        assert "model.safetensors.index.json" not in record["files"]
+
+
+def test_ranks_without_a_shared_folder_save_with_writer_rank_zero(world2):
+    writer, other = succeeded(world2, "no_shared_filesystem_writer_rank_zero")
+    assert "model.safetensors.index.json" in writer["files"]
+    assert other["files"] is None  # a rank that writes nothing makes no folder
+
+
+# --------------------------------------------------------------------------
+# Casts.
+# --------------------------------------------------------------------------
+
+
+def test_dtype_keeps_float8_weights_as_they_are(tmp_path):
+    state = {"weight": torch.randn(4, 4), "quantized": torch.randn(8).to(torch.float8_e4m3fn),
+             "scale": torch.randn(1)}
+    save_model_streaming(state, tmp_path, dtype=torch.bfloat16)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert saved["quantized"].dtype == torch.float8_e4m3fn
+    assert torch.equal(saved["quantized"].view(torch.uint8), state["quantized"].view(torch.uint8))
+    assert saved["weight"].dtype == torch.bfloat16 and saved["scale"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.float8_e4m3fn, torch.uint8],
+                         ids=str)
+def test_dtype_that_is_not_a_floating_dtype_of_16_bits_or_more_is_refused(tmp_path, dtype):
+    with pytest.raises(ValueError, match=rf"dtype={dtype} is not a floating dtype of 16 bits"):
+        save_model_streaming({"w": torch.randn(4)}, tmp_path, dtype=dtype)
+    assert os.listdir(tmp_path) == []

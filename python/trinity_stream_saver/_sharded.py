@@ -47,6 +47,11 @@ class ShardPlan:
         """"model.safetensors.index.json" for a sharded plan, else None."""
         return self._plan.index_filename if self.is_sharded else None
 
+    @property
+    def file_sizes(self) -> dict[str, int]:
+        """Bytes of tensor data in each file, in plan order."""
+        return {filename: size for filename, _, size in self._plan.files}
+
 def plan_shards(
     state_dict_meta: Iterable[Union[TensorMeta, tuple]],
     max_shard_size: Union[int, str] = "5GB",
@@ -143,3 +148,23 @@ def save_sharded_streaming(
         if bar is not None:
             bar.close()
     return os.fsdecode(written)
+
+
+# The phases of a sharded save, for the distributed save (which writes some
+# files of a plan on each rank, then finishes on one).
+
+
+def _sharded_writer(plan: ShardPlan, directory: str, filenames: list[str], metadata, fsync: bool):
+    """The C++ writer of `filenames` of `plan` in `directory`: write(), then
+    commit() (returns the final paths) or abort()."""
+    return _C.ShardedWriter(plan._plan, os.fsencode(directory), filenames, metadata, bool(fsync),
+                            False)
+
+
+def _finish_sharded(plan: ShardPlan, directory: str, metadata, fsync: bool) -> str:
+    """Once every file of `plan` is in place in `directory`: the index (when
+    sharded), and an older checkpoint's files removed. Returns the index's
+    path, or the single file's."""
+    return os.fsdecode(
+        _C.finish_sharded_checkpoint(plan._plan, os.fsencode(directory), metadata, None, bool(fsync))
+    )

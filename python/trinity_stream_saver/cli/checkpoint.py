@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from .._extension import _C
+from .._state_dict import split_aliases
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -95,7 +96,7 @@ class Checkpoint:
                 found.extend(_safetensors_entries(file))
             else:
                 contents = load_torch_file(file)
-                kept, aliases = split_aliases(contents)
+                kept, aliases = split_aliases(contents.items())
                 self.aliases.update(aliases)
                 found.extend(_torch_entry(name, contents[name], file) for name in kept)
                 del contents
@@ -112,7 +113,7 @@ class Checkpoint:
                 yield from _safetensors_tensors(file)
                 continue
             contents = load_torch_file(file)
-            kept, aliases = split_aliases(contents)
+            kept, aliases = split_aliases(contents.items())
             names = list(contents) if with_aliases else kept
             del kept, aliases
             for name in names:
@@ -295,35 +296,6 @@ def load_torch_file(path: Path) -> Mapping[str, torch.Tensor]:
                 f"entry that holds it) on its own."
             )
     return contents
-
-
-def split_aliases(contents: Mapping[str, torch.Tensor]) -> tuple[list[str], dict[str, str]]:
-    """Names to write, in order, and the names left out as aliases.
-
-    Tensors that are the same view of the same storage (tied embeddings, as
-    torch.save keeps them) are written once, under the first name, as
-    transformers' save_pretrained and accelerate drop all but one name of
-    each identical group. Different views of one storage (slices of a fused
-    matrix) are different tensors and are each written.
-    """
-    first: dict[tuple, str] = {}
-    kept: list[str] = []
-    aliases: dict[str, str] = {}
-    for name, tensor in contents.items():
-        view = (
-            tensor.untyped_storage().data_ptr(),
-            tensor.data_ptr(),
-            tensor.dtype,
-            tuple(tensor.shape),
-            tuple(tensor.stride()),
-        )
-        # Empty tensors own no bytes to share, whatever their pointers say.
-        if tensor.numel() > 0 and view in first:
-            aliases[name] = first[view]
-        else:
-            first.setdefault(view, name)
-            kept.append(name)
-    return kept, aliases
 
 
 def _torch_entry(name: str, tensor: torch.Tensor, file: Path) -> Entry:

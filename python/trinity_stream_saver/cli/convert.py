@@ -14,9 +14,12 @@ import torch
 
 from .. import save_sharded_streaming
 from .._extension import _C
+from .._meta import DTYPE_TO_SAFETENSORS
+from .._state_dict import saved_dtype
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
-#: --dtype spellings -> (safetensors name, torch dtype)
+#: --dtype spellings -> (safetensors name, torch dtype): the targets a cast
+#: allows (_state_dict.check_cast_target)
 DTYPES = {
     "bf16": ("BF16", torch.bfloat16),
     "bfloat16": ("BF16", torch.bfloat16),
@@ -26,10 +29,9 @@ DTYPES = {
     "float32": ("F32", torch.float32),
 }
 
-# Only these are cast by --dtype, as `model.to(dtype)` casts floating
-# parameters: integer buffers, booleans and already-quantized float8/float4
-# weights keep their dtype. Values: bytes per element.
-_CASTABLE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+# safetensors name -> torch dtype, for the cast rule (saved_dtype), which
+# --dtype shares with save_model_streaming's dtype=.
+_TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_TO_SAFETENSORS.items()}
 
 
 def convert(
@@ -62,7 +64,7 @@ def convert(
         (entry.name, _target_dtype(entry.dtype, target), entry.shape) for entry in entries
     ]
     total = sum(
-        entry.nbytes // _CASTABLE[entry.dtype] * _CASTABLE[dtype] if dtype != entry.dtype else entry.nbytes
+        entry.nbytes // _TORCH_DTYPES[entry.dtype].itemsize * _TORCH_DTYPES[dtype].itemsize
         for entry, (_, dtype, _) in zip(entries, meta)
     )
 
@@ -104,7 +106,10 @@ def _refuse_overlap(checkpoint: Checkpoint, folder: Path) -> None:
 
 
 def _target_dtype(dtype: str, target) -> str:
-    return target[0] if target is not None and dtype in _CASTABLE else dtype
+    """The safetensors name a tensor of `dtype` is saved as with --dtype."""
+    if target is None:
+        return dtype
+    return DTYPE_TO_SAFETENSORS[saved_dtype(_TORCH_DTYPES[dtype], target[1])]
 
 
 def _cast(tensors, dtype: torch.dtype):
@@ -115,9 +120,8 @@ def _cast(tensors, dtype: torch.dtype):
 
 def _cast_item(item: tuple[str, torch.Tensor], dtype: torch.dtype) -> tuple[str, torch.Tensor]:
     name, tensor = item
-    if _C.safetensors_dtype(tensor.dtype) in _CASTABLE:
-        return name, tensor.to(dtype)
-    return item
+    saved = saved_dtype(tensor.dtype, dtype)
+    return (name, tensor.to(saved)) if saved != tensor.dtype else item
 
 
 def _stage_side_files(checkpoint: Checkpoint, folder: Path, staged: list, *, fsync: bool) -> None:
