@@ -33,6 +33,21 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 # --------------------------------------------------------------------------
+# the quick loop (pytest -m "not slow")
+# --------------------------------------------------------------------------
+
+# Modules whose tests run in process groups of fresh interpreters, a few
+# seconds each: all of them are slow.
+SLOW_MODULES = ("test_distributed.py",)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
+# --------------------------------------------------------------------------
 # dtypes
 # --------------------------------------------------------------------------
 

@@ -154,6 +154,7 @@ def test_converting_into_the_source_folder_is_refused(model, tmp_path):
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_the_progress_bar_counts_bytes(model, tmp_path):
     source = make_source("bin_folder", model, tmp_path / "src")
     result = run_cli_subprocess("convert", source, tmp_path / "out")
@@ -170,6 +171,7 @@ def test_no_progress_prints_no_bar(model, tmp_path):
     assert "%" not in result.stderr
 
 
+@pytest.mark.slow
 def test_the_console_script_converts(model, tmp_path):
     script = shutil.which("trinity-stream-saver", path=os.path.dirname(sys.executable))
     assert script is not None, "pip install the package: it provides the trinity-stream-saver script"

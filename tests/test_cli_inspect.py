@@ -93,6 +93,7 @@ def test_inspect_lists_tensors_sharing_storage_once(tmp_path):
     assert report["shared"] == {"head": "embed"}
 
 
+@pytest.mark.slow
 def test_inspect_of_a_missing_path_is_an_error_naming_it(tmp_path):
     result = run_cli_subprocess("inspect", tmp_path / "nowhere")
     assert result.returncode == 1

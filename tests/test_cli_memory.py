@@ -113,6 +113,7 @@ def run_limited(prefix: list[str], *command: str) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.slow
 def test_a_checkpoint_larger_than_the_memory_limit_converts(memory_limited, large_checkpoint, tmp_path):
     # The limit is real: loading the checkpoint whole is killed under it.
     whole = run_limited(

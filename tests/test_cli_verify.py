@@ -53,6 +53,7 @@ def assert_bad(folder: Path, file: Path | str, *words: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_a_converted_checkpoint_verifies(converted):
     result = run_cli_subprocess("verify", converted)
     assert result.returncode == 0, result.stdout + result.stderr

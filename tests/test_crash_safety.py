@@ -338,6 +338,7 @@ def crash_report(tmp_path_factory):
                 os.remove(path)
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_the_old_file_or_the_complete_new_one(crash_report):
     trials = crash_report["trials"]
     assert len(trials) >= 30
@@ -346,6 +347,7 @@ def test_sigkill_at_any_moment_leaves_the_old_file_or_the_complete_new_one(crash
     assert [t for t in trials if t["destination"] not in ("old", "new")] == []
 
 
+@pytest.mark.slow
 def test_sigkill_moments_cover_the_save_from_before_the_data_to_after_the_rename(crash_report):
     trials = crash_report["trials"]
     phases = collections.Counter(trial["phase"] for trial in trials)
@@ -361,6 +363,7 @@ def test_sigkill_moments_cover_the_save_from_before_the_data_to_after_the_rename
     assert late and set(late) <= {"header_or_rename", "after_rename"}, late
 
 
+@pytest.mark.slow
 def test_stale_temp_file_from_a_killed_save_does_not_break_the_next_save(crash_report):
     next_save = crash_report["next_save"]
     assert next_save["stale_temp"] == {"exists": True, "destination": "old"}
@@ -370,6 +373,7 @@ def test_stale_temp_file_from_a_killed_save_does_not_break_the_next_save(crash_r
     assert not os.path.lexists(crash_report["dest"] + ".tmp")
 
 
+@pytest.mark.slow
 def test_the_new_file_kills_were_compared_with_is_complete_and_valid(crash_report):
     # The zygote judged "new" by this digest; the file now at the destination
     # (from the save after the kills) has it, and loads as what was saved.
@@ -442,6 +446,7 @@ except OSError as error:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", WRITE_PATHS)
 def test_file_size_limit_reached_while_data_is_written_is_efbig_and_loses_nothing(existing_dest, kind):
     code = child_source(full_disk_items, understated_meta) + _SAVE_UNDER_FILE_SIZE_LIMIT
@@ -545,6 +550,7 @@ class ChildLines:
         return line.decode()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux per-process I/O accounting")
 @pytest.mark.parametrize("mode", ["contiguous", "zero_stride"])
 def test_ctrl_c_during_a_long_write_raises_keyboard_interrupt_within_one_second(existing_dest, mode):

@@ -155,13 +155,16 @@ def traced_calls(tmp_path, mode: str) -> list[str]:
     return calls
 
 
+@pytest.mark.slow
 def test_fsync_save_syncs_data_before_the_rename_and_the_directory_after(tmp_path):
     assert traced_calls(tmp_path, "save") == ["sync temp", "rename temp", "sync directory"]
 
 
+@pytest.mark.slow
 def test_finalize_syncs_data_before_the_rename_and_the_directory_after(tmp_path):
     assert traced_calls(tmp_path, "finalize") == ["sync temp", "rename temp", "sync directory"]
 
 
+@pytest.mark.slow
 def test_a_save_without_fsync_makes_no_sync_calls(tmp_path):
     assert traced_calls(tmp_path, "save_no_fsync") == ["rename temp"]

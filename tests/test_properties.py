@@ -126,6 +126,7 @@ def expected_header_json(items, metadata) -> bytes:
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @PROPERTY_SETTINGS
 @given(checkpoint=checkpoints())
 def test_every_file_written_loads_back_bit_exact_with_json_dumps_header_and_reference_bytes(checkpoint):
@@ -257,6 +258,7 @@ class Tracked:
         return next(self.items)
 
 
+@pytest.mark.slow
 @PROPERTY_SETTINGS
 @given(case=malformed_metas())
 def test_malformed_meta_is_a_type_or_value_error_before_the_iterator_is_advanced_and_writes_nothing(case):

@@ -180,6 +180,7 @@ print((peak_kib() - before) * 1024, tensor.numel())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["contiguous", "expanded", "transposed"])
 def test_writing_a_large_tensor_needs_at_most_one_chunk_of_extra_memory(tmp_path, kind):
     result = run_python(_PEAK_MEMORY_CHILD, kind, str(tmp_path / "big.safetensors"), paths=[BENCHMARKS_DIR])

@@ -379,6 +379,7 @@ print("FINISHED", flush=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", SAVE_MODES)
 def test_ctrl_c_leaves_the_folder_byte_identical(tmp_path, mode):
     before = old_checkpoint(tmp_path)
@@ -425,6 +426,7 @@ print((peak_kib() - before) * 1024, max(SIZES), sum(SIZES))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", SAVE_MODES)
 def test_peak_memory_of_a_fresh_process_stays_near_one_tensor(tmp_path, mode):
     # glibc raises its mmap threshold after freeing a large block and then
