@@ -29,7 +29,7 @@ sys.path.insert(0, HERE)
 
 # The tensors and the methods are the side-by-side benchmark's (bench.py).
 import methods  # noqa: E402
-from measure import memory_baseline, peak_kib  # noqa: E402
+from peak_memory import memory_baseline, peak_kib  # noqa: E402
 from scenarios import fresh_tensors, model_spec  # noqa: E402
 
 METHODS = ("trinity_stream_saver", "pure_python_saver", "safetensors_save_file", "raw_os_write")

@@ -37,22 +37,18 @@ import argparse
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 
+from peak_memory import memory_baseline, peak_kib  # beside this script
+
 # The ways ours is compared with (the targets below).
 BASELINES = ("trinity", "full_state_dict", "dcp_hf")
 METHODS = ("ours", "ours_rank0", *BASELINES)
 MIB = 1 << 20
-
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M).group(1))
 
 
 def _folder_bytes(folder: str) -> int:
@@ -160,13 +156,11 @@ def _rank(rank: int, world: int, method: str, root: str, folder: str, layers: in
                             world_size=world)
     model = _model(init_device_mesh("cpu", (world,)), layers)
     dist.barrier()
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # VmHWM := VmRSS
-    before = _kib("VmRSS")
+    before, _ = memory_baseline()
     start = time.perf_counter()
     removed = _save(method, model, folder) or 0
     seconds = time.perf_counter() - start
-    growth = (_kib("VmHWM") - before) / 1024
+    growth = (peak_kib() - before) / 1024
     largest = max(p.numel() * p.element_size() for p in model.parameters()) / MIB
     total = sum(p.numel() * p.element_size() for p in model.parameters()) / MIB
     with open(os.path.join(root, f"{method}-rank{rank}.json"), "w") as file:

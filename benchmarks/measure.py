@@ -5,13 +5,7 @@ project's methods whether the file verified.
 
     python benchmarks/measure.py '{"cfg": {...}, "method": "...", "path": "..."}'
 
-Peak memory is VmHWM from /proc/self/status, the high-water mark of this
-process's own address space, which exec starts afresh. (ru_maxrss is not
-used: Linux carries it over exec from the parent, so a child of a bigger
-parent could show no growth at all.) Before the save the high-water mark is
-reset to the current RSS where the kernel allows it (clear_refs, Linux 4.0
-and later), so that a transient peak while importing torch cannot hide
-the save's.
+Peak memory is VmHWM growth, read by peak_memory.py.
 """
 
 from __future__ import annotations
@@ -30,32 +24,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import methods  # noqa: E402
+from peak_memory import memory_baseline, peak_kib  # noqa: E402
 from scenarios import SCENARIOS, nbytes  # noqa: E402
 
 MIB = 1 << 20
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def memory_baseline() -> tuple[int, str]:
-    """The RSS (KiB) from which the save's peak is measured, and how."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # VmHWM := VmRSS
-        return _status_kib("VmRSS"), "VmHWM, reset to VmRSS before the save"
-    except OSError:
-        return _status_kib("VmHWM"), "VmHWM growth (no reset: clear_refs refused)"
-
-
-def peak_kib() -> int:
-    """The process's peak RSS (KiB) since exec or memory_baseline()."""
-    return _status_kib("VmHWM")
 
 
 def timed(items, spent: list):

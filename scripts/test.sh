@@ -1,13 +1,36 @@
 #!/usr/bin/env bash
 # Runs every test: sets the project up (scripts/setup.sh), builds and runs
-# the C++ GoogleTest suite (plainly and under ASan+UBSan), then the Python
-# suite. Exits non-zero if any test fails. Extra arguments go to pytest.
+# the C++ GoogleTest suite (plainly and under ASan+UBSan), installs the C++
+# package, then runs the Python suite. Exits non-zero if any test fails.
+# Extra arguments go to pytest.
+#
+# --quick (first argument): set up, then only the Python tests not marked
+# slow, for everyday work; the full run stays the check before landing.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${TSS_VENV:-$ROOT/.venv}"
 
+QUICK=0
+if [ "${1:-}" = "--quick" ]; then
+  QUICK=1
+  shift
+fi
+
 "$ROOT/scripts/setup.sh"
+
+# Runs pytest from the tests directory against the installed package, not
+# the source tree, so that what is tested is what users get.
+python_tests() {
+  cd "$ROOT/tests"
+  "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" .
+}
+
+if [ "$QUICK" -eq 1 ]; then
+  echo "== Python tests not marked slow (pytest -m 'not slow')"
+  python_tests -m "not slow" "$@"
+  exit
+fi
 
 # Configures the CMake project in build directory $1 with the options that
 # follow.
@@ -33,19 +56,16 @@ cpp_tests() {
 echo "== C++ tests (GoogleTest)"
 cpp_tests "$ROOT/build-cmake" -DCMAKE_BUILD_TYPE=Release
 
+echo "== C++ package: installed from the Release build"
+# tests/test_cpp_package.py builds examples/cpp against this installation,
+# as a project outside this repository would. The install rules do not
+# depend on BUILD_TESTING, so the library just tested is the one installed:
+# no third build.
+"$VENV/bin/cmake" --install "$ROOT/build-cmake" --prefix "$ROOT/build-cmake/prefix" >/dev/null
+export TSS_INSTALL_PREFIX="$ROOT/build-cmake/prefix"
+
 echo "== C++ tests under AddressSanitizer and UndefinedBehaviorSanitizer"
 cpp_tests "$ROOT/build-asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSTREAM_SAVER_SANITIZE=ON
 
-echo "== C++ package: configured without GoogleTest, built and installed"
-# tests/test_cpp_package.py builds examples/cpp against this installation,
-# as a project outside this repository would.
-cmake_configure "$ROOT/build-package" -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF
-"$VENV/bin/cmake" --build "$ROOT/build-package" -j "$(nproc)"
-"$VENV/bin/cmake" --install "$ROOT/build-package" --prefix "$ROOT/build-package/prefix" >/dev/null
-export TSS_INSTALL_PREFIX="$ROOT/build-package/prefix"
-
 echo "== Python tests (pytest)"
-# Run from the tests directory against the installed package, not the
-# source tree, so that what is tested is what users get.
-cd "$ROOT/tests"
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" .
+python_tests "$@"

@@ -1,9 +1,12 @@
-"""Helpers for the command-line tests: running the CLI as a user does, a
-tiny transformers model built from a config (no download), the source
-layouts `convert` reads, and raw safetensors files for corrupting."""
+"""Helpers for the command-line tests: running the CLI (in this
+interpreter, or as a user does in a fresh one), a tiny transformers model
+built from a config (no download), the source layouts `convert` reads, and
+raw safetensors files for corrupting."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import struct
@@ -25,8 +28,40 @@ SIDE_FILES = {
 }
 
 
-def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """`python -m trinity_stream_saver ARGS` in a fresh interpreter."""
+PROG = "python -m trinity_stream_saver"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m trinity_stream_saver ARGS`, run in this interpreter:
+    `cli.main` with stdout and stderr captured, and its exit status as a
+    fresh interpreter would end with it (usage errors and --help exit
+    through SystemExit). A fresh interpreter costs seconds (it imports
+    torch); run_cli_subprocess keeps one real run per command."""
+    from trinity_stream_saver.cli import main
+
+    argv = [str(arg) for arg in args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            status = main(argv, prog=PROG)
+        except SystemExit as exit:
+            status = _exit_status(exit.code)
+    return subprocess.CompletedProcess([PROG, *argv], status, stdout.getvalue(), stderr.getvalue())
+
+
+def _exit_status(code) -> int:
+    """The status an interpreter ends with for SystemExit(code)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def run_cli_subprocess(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`python -m trinity_stream_saver ARGS` in a fresh interpreter, as a
+    user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "trinity_stream_saver", *map(str, args)],
         capture_output=True,

@@ -27,6 +27,25 @@ from trinity_stream_saver import _C
 # source tree with PYTHONPATH=python, or an installed copy).
 PACKAGE_DIR = Path(trinity_stream_saver.__file__).resolve().parent.parent
 
+# Where peak_memory.py lives: the one reader of a process's peak memory
+# (VmHWM), for the benchmarks and for the tests that measure a child's.
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+# --------------------------------------------------------------------------
+# the quick loop (pytest -m "not slow")
+# --------------------------------------------------------------------------
+
+# Modules whose tests run in process groups of fresh interpreters, a few
+# seconds each: all of them are slow.
+SLOW_MODULES = ("test_distributed.py",)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 # --------------------------------------------------------------------------
 # dtypes
@@ -174,22 +193,25 @@ def assert_nothing_lost(path, previous: Optional[bytes] = PREEXISTING) -> None:
 # --------------------------------------------------------------------------
 
 
-def child_env() -> dict:
+def child_env(*paths) -> dict:
+    """This process's environment, with the package and `paths` (such as
+    BENCHMARKS_DIR) first on PYTHONPATH."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(PACKAGE_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        [str(PACKAGE_DIR), *map(str, paths)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
     return env
 
 
-def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Runs `code` in a fresh interpreter that can import the package."""
+def run_python(code: str, *args: str, timeout: float = 120, paths=()) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter that can import the package (and
+    the modules in `paths`)."""
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=child_env(),
+        env=child_env(*paths),
     )
 
 

@@ -207,6 +207,7 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(_STORAGELESS_TENSORS))
 def test_tensor_without_cpu_storage_is_a_value_error_not_a_crash(existing_dest, case):
     code = (
@@ -562,6 +563,7 @@ def _report(result: subprocess.CompletedProcess) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_read_only_directory_is_a_permission_error_naming_the_path(tmp_path):
     directory = tmp_path / "read_only"
     directory.mkdir()
@@ -582,6 +584,7 @@ def test_read_only_directory_is_a_permission_error_naming_the_path(tmp_path):
         directory.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_an_os_error_with_efbig(existing_dest):
     code = (
         "import resource, signal\n"

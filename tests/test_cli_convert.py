@@ -1,7 +1,8 @@
 """`convert SRC DST`: every source layout becomes a sharded safetensors
 checkpoint that transformers loads with identical logits; the side files
 come along; shared storage is written once; bad sources get clear errors
-and leave nothing behind. Run as a user runs it, in a subprocess."""
+and leave nothing behind. Run in this interpreter (cli.main), and as a
+user runs it, in a fresh one, for the progress bar and the console script."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cli_helpers import SIDE_FILES, make_source, run_cli, write_model_folder
+from cli_helpers import SIDE_FILES, make_source, run_cli, run_cli_subprocess, write_model_folder
 from conftest import load_logits, logits, tiny_model
 
 LAYOUTS = [
@@ -153,9 +154,10 @@ def test_converting_into_the_source_folder_is_refused(model, tmp_path):
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_the_progress_bar_counts_bytes(model, tmp_path):
     source = make_source("bin_folder", model, tmp_path / "src")
-    result = run_cli("convert", source, tmp_path / "out")
+    result = run_cli_subprocess("convert", source, tmp_path / "out")
     assert result.returncode == 0, result.stderr
     # tqdm counting bytes (unit "B", scaled) ends at 100% with a rate in B/s.
     assert "100%" in result.stderr, result.stderr
@@ -169,6 +171,7 @@ def test_no_progress_prints_no_bar(model, tmp_path):
     assert "%" not in result.stderr
 
 
+@pytest.mark.slow
 def test_the_console_script_converts(model, tmp_path):
     script = shutil.which("trinity-stream-saver", path=os.path.dirname(sys.executable))
     assert script is not None, "pip install the package: it provides the trinity-stream-saver script"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cli_helpers import make_source, run_cli
+from cli_helpers import make_source, run_cli, run_cli_subprocess
 from conftest import tiny_model
 
 
@@ -93,8 +93,9 @@ def test_inspect_lists_tensors_sharing_storage_once(tmp_path):
     assert report["shared"] == {"head": "embed"}
 
 
+@pytest.mark.slow
 def test_inspect_of_a_missing_path_is_an_error_naming_it(tmp_path):
-    result = run_cli("inspect", tmp_path / "nowhere")
+    result = run_cli_subprocess("inspect", tmp_path / "nowhere")
     assert result.returncode == 1
     assert "nowhere" in result.stderr and "Traceback" not in result.stderr
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import copy_tree, make_source, read_raw, run_cli, write_raw
+from cli_helpers import copy_tree, make_source, read_raw, run_cli, run_cli_subprocess, write_raw
 from conftest import tiny_model
 
 
@@ -53,8 +53,9 @@ def assert_bad(folder: Path, file: Path | str, *words: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_a_converted_checkpoint_verifies(converted):
-    result = run_cli("verify", converted)
+    result = run_cli_subprocess("verify", converted)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("OK")
 

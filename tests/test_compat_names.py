@@ -36,6 +36,7 @@ def test_compute_exact_header_size_rejects_bad_meta_like_the_saver():
         _compute_exact_header_size([("x", "C128", [1])])
 
 
+@pytest.mark.slow
 def test_an_extension_built_for_another_torch_refuses_to_load_with_a_rebuild_hint():
     code = (
         "import torch\n"

@@ -16,6 +16,8 @@ from trinity_stream_saver import save_safetensors_streaming
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.slow  # builds C++ (the package too, outside scripts/test.sh)
+
 
 def _tool(name):
     beside_python = Path(sys.executable).parent / name

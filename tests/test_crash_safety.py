@@ -71,13 +71,20 @@ def sha256_of(path) -> str:
 # --------------------------------------------------------------------------
 
 
-def crash_checkpoint(count: int = 19, rows: int = 2048, cols: int = 4096, notes: int = 8 << 20):
+def crash_checkpoint(count: int = 19, rows: int = 1024, cols: int = 2048, notes: int = 2 << 20):
     """The "new" checkpoint of the crash test: `count` bf16 matrices of
-    rows x cols (16 MiB each by default), every one with different bytes,
-    and `notes` characters of metadata (a config or log stored in the
-    header), which makes writing the header take long enough for kills to
-    land in it. Built the same way in the zygote and in the test that checks
-    the file."""
+    rows x cols, every one with different bytes, and `notes` characters of
+    metadata (a config or log stored in the header), which makes writing
+    the header take long enough for kills to land in it. Built the same way
+    in the zygote and in the test that checks the file.
+
+    4 MiB a matrix is as small as the claims allow: as large as the file
+    sink's buffer, so each is written straight from the tensor's memory, as
+    real weights are; and 19 of them spread the kills over many tensors.
+    2 MiB of notes keep the header window open for the kills planned after
+    the data without making the moments before the first tensor (where
+    the header is sized) outweigh the data. The zygote makes some 45 saves
+    of it (78 MiB each)."""
     import torch
 
     items = []
@@ -331,6 +338,7 @@ def crash_report(tmp_path_factory):
                 os.remove(path)
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_the_old_file_or_the_complete_new_one(crash_report):
     trials = crash_report["trials"]
     assert len(trials) >= 30
@@ -339,6 +347,7 @@ def test_sigkill_at_any_moment_leaves_the_old_file_or_the_complete_new_one(crash
     assert [t for t in trials if t["destination"] not in ("old", "new")] == []
 
 
+@pytest.mark.slow
 def test_sigkill_moments_cover_the_save_from_before_the_data_to_after_the_rename(crash_report):
     trials = crash_report["trials"]
     phases = collections.Counter(trial["phase"] for trial in trials)
@@ -354,6 +363,7 @@ def test_sigkill_moments_cover_the_save_from_before_the_data_to_after_the_rename
     assert late and set(late) <= {"header_or_rename", "after_rename"}, late
 
 
+@pytest.mark.slow
 def test_stale_temp_file_from_a_killed_save_does_not_break_the_next_save(crash_report):
     next_save = crash_report["next_save"]
     assert next_save["stale_temp"] == {"exists": True, "destination": "old"}
@@ -363,6 +373,7 @@ def test_stale_temp_file_from_a_killed_save_does_not_break_the_next_save(crash_r
     assert not os.path.lexists(crash_report["dest"] + ".tmp")
 
 
+@pytest.mark.slow
 def test_the_new_file_kills_were_compared_with_is_complete_and_valid(crash_report):
     # The zygote judged "new" by this digest; the file now at the destination
     # (from the save after the kills) has it, and loads as what was saved.
@@ -435,6 +446,7 @@ except OSError as error:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", WRITE_PATHS)
 def test_file_size_limit_reached_while_data_is_written_is_efbig_and_loses_nothing(existing_dest, kind):
     code = child_source(full_disk_items, understated_meta) + _SAVE_UNDER_FILE_SIZE_LIMIT
@@ -538,6 +550,7 @@ class ChildLines:
         return line.decode()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux per-process I/O accounting")
 @pytest.mark.parametrize("mode", ["contiguous", "zero_stride"])
 def test_ctrl_c_during_a_long_write_raises_keyboard_interrupt_within_one_second(existing_dest, mode):

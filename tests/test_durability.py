@@ -134,8 +134,11 @@ def traced_calls(tmp_path, mode: str) -> list[str]:
         pytest.skip("strace is not installed (scripts/setup.sh installs it)")
     path = str(tmp_path / "model.safetensors")
     log = tmp_path / "strace.log"
+    # --seccomp-bpf stops the child only at the traced calls: without it,
+    # every system call of `import torch` (tens of thousands) is a round
+    # trip through strace.
     result = subprocess.run(
-        ["strace", "-f", "-y", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2",
+        ["strace", "-f", "--seccomp-bpf", "-y", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2",
          "-o", str(log), sys.executable, "-c", _TRACED, mode, path],
         env=child_env(), capture_output=True, text=True, timeout=300,
     )
@@ -152,13 +155,16 @@ def traced_calls(tmp_path, mode: str) -> list[str]:
     return calls
 
 
+@pytest.mark.slow
 def test_fsync_save_syncs_data_before_the_rename_and_the_directory_after(tmp_path):
     assert traced_calls(tmp_path, "save") == ["sync temp", "rename temp", "sync directory"]
 
 
+@pytest.mark.slow
 def test_finalize_syncs_data_before_the_rename_and_the_directory_after(tmp_path):
     assert traced_calls(tmp_path, "finalize") == ["sync temp", "rename temp", "sync directory"]
 
 
+@pytest.mark.slow
 def test_a_save_without_fsync_makes_no_sync_calls(tmp_path):
     assert traced_calls(tmp_path, "save_no_fsync") == ["rename temp"]

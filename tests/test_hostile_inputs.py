@@ -37,6 +37,7 @@ except (TypeError, ValueError) as error:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["lying_len", "shape_cleared_by_index"])
 def test_hostile_sequences_in_state_dict_meta_do_not_crash(existing_dest, case):
     result = run_python(_HOSTILE_META, existing_dest, case)
@@ -65,6 +66,7 @@ print("OK" if torch.equal(loaded["t"], base.t()) and torch.equal(loaded["small"]
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap", [False, True])
 def test_an_active_python_dispatch_mode_does_not_reach_the_savers_own_copies(dest, overlap):
     result = run_python(_UNDER_FAKE_TENSOR_MODE, dest, str(overlap))

@@ -177,6 +177,7 @@ def assert_interrupted_cleanly(child: Child, elapsed: float, dest: str) -> None:
     assert read_bytes(dest) == PREEXISTING
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_the_iterator_runs_raises_keyboard_interrupt(existing_dest, child_factory):
     child = child_factory("iterator", existing_dest)
     child.wait_for_line("STARTED", STARTUP_TIMEOUT)
@@ -185,6 +186,7 @@ def test_ctrl_c_while_the_iterator_runs_raises_keyboard_interrupt(existing_dest,
     assert_interrupted_cleanly(child, elapsed, existing_dest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["contiguous", "strided", "many_tensors"])
 def test_ctrl_c_during_a_large_write_stops_it_early(existing_dest, child_factory, mode):
     total = GiB

@@ -187,6 +187,7 @@ print("OK" if all(bool((loaded[f"t{i}"] == i).all()) for i in range(count)) else
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_a_producer_that_frees_a_yielded_tensor_gets_an_error_or_a_correct_file_never_a_crash(
     existing_dest, layout
@@ -303,6 +304,7 @@ print("FINISHED", flush=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["expanded", "contiguous"])
 def test_ctrl_c_stops_an_overlapped_save_and_removes_the_temp_file(existing_dest, layout):
     child = subprocess.Popen([sys.executable, "-c", _CTRL_C_CHILD, existing_dest, layout],

@@ -7,7 +7,11 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # builds an sdist
 
 
 def test_the_sdist_holds_every_source_header_and_cmake_file(tmp_path):

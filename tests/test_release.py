@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import bytes_written, run_python
+from conftest import BENCHMARKS_DIR, bytes_written, run_python
 from trinity_stream_saver import _C, save_safetensors_streaming
 
 
@@ -163,7 +163,8 @@ def test_tracker_detects_a_tensor_kept_alive(dest):
 # --------------------------------------------------------------------------
 
 _PEAK_MEMORY_CHILD = r"""
-import resource, sys, torch
+import sys, torch
+from peak_memory import memory_baseline, peak_kib
 from trinity_stream_saver import save_safetensors_streaming
 MiB = 1 << 20
 kind, path = sys.argv[1], sys.argv[2]
@@ -173,17 +174,16 @@ elif kind == "expanded":
     tensor = torch.arange(256, dtype=torch.uint8).repeat(4096).expand(256, -1)
 elif kind == "transposed":
     tensor = torch.ones(16 * MiB, 16, dtype=torch.uint8).t()
-def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-before = peak()
+before, _ = memory_baseline()
 save_safetensors_streaming(iter([("t", tensor)]), path, [("t", "U8", list(tensor.shape))])
-print(peak() - before, tensor.numel())
+print((peak_kib() - before) * 1024, tensor.numel())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["contiguous", "expanded", "transposed"])
 def test_writing_a_large_tensor_needs_at_most_one_chunk_of_extra_memory(tmp_path, kind):
-    result = run_python(_PEAK_MEMORY_CHILD, kind, str(tmp_path / "big.safetensors"))
+    result = run_python(_PEAK_MEMORY_CHILD, kind, str(tmp_path / "big.safetensors"), paths=[BENCHMARKS_DIR])
     assert result.returncode == 0, result.stderr[-2000:]
     growth, size = map(int, result.stdout.split())
     assert size >= 4 * _C.CHUNK_BYTES

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from conftest import (
+    BENCHMARKS_DIR,
     assert_tensors_identical,
     child_env,
     load_logits,
@@ -378,6 +379,7 @@ print("FINISHED", flush=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", SAVE_MODES)
 def test_ctrl_c_leaves_the_folder_byte_identical(tmp_path, mode):
     before = old_checkpoint(tmp_path)
@@ -407,14 +409,10 @@ def test_ctrl_c_leaves_the_folder_byte_identical(tmp_path, mode):
 
 _MEMORY_CHILD = r"""
 import sys, torch
+from peak_memory import memory_baseline, peak_kib
 from trinity_stream_saver import save_sharded_streaming
 MiB = 1 << 20
 SIZES = [16 * MiB] * 6 + [48 * MiB] + [16 * MiB] * 6  # 240 MiB; one tensor over the limit
-
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
 
 def generate():
     for i, size in enumerate(SIZES):
@@ -422,12 +420,13 @@ def generate():
 
 meta = [(f"t{i}", "U8", [size]) for i, size in enumerate(SIZES)]
 warm = torch.full((MiB,), 1, dtype=torch.uint8); del warm
-before = status("VmRSS")
+before, _ = memory_baseline()
 save_sharded_streaming(generate(), sys.argv[1], meta, max_shard_size=40 * MiB, overlap=sys.argv[2] == "1")
-print(status("VmHWM") - before, max(SIZES), sum(SIZES))
+print((peak_kib() - before) * 1024, max(SIZES), sum(SIZES))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", SAVE_MODES)
 def test_peak_memory_of_a_fresh_process_stays_near_one_tensor(tmp_path, mode):
     # glibc raises its mmap threshold after freeing a large block and then
@@ -435,7 +434,7 @@ def test_peak_memory_of_a_fresh_process_stays_near_one_tensor(tmp_path, mode):
     # (a loop of torch.full and del alone grows by ~150 MiB here). A fixed
     # threshold returns freed tensors to the system, so the peak measures
     # the tensors alive at once.
-    env = dict(child_env(), MALLOC_MMAP_THRESHOLD_=str(MiB))
+    env = dict(child_env(BENCHMARKS_DIR), MALLOC_MMAP_THRESHOLD_=str(MiB))
     result = subprocess.run(
         [sys.executable, "-c", _MEMORY_CHILD, str(tmp_path), "1" if mode == "overlap" else "0"],
         capture_output=True,

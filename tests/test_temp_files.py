@@ -157,6 +157,7 @@ save_safetensors_streaming(generate(), path, [("a", "F32", [4]), ("b", "F32", [4
 """
 
 
+@pytest.mark.slow
 def test_a_save_in_another_process_holds_the_path_until_it_dies(existing_dest):
     child = subprocess.Popen(
         [sys.executable, "-c", HOLDING_CHILD, existing_dest],
@@ -282,6 +283,7 @@ print("saved", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_fifo_at_the_temp_path_is_replaced_without_hanging(dest):
     # In a child: the bug this guards against is a hang that Ctrl-C cannot stop.
     result = run_python(FIFO_CHILD, dest, timeout=60)
@@ -404,6 +406,7 @@ threading.Thread(target=late).start()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code", [AT_EXIT_CHILD, AFTER_MAIN_CHILD], ids=["atexit", "after_main_returned"])
 def test_finalize_async_during_interpreter_shutdown_still_finalizes(dest, code):
     result = run_python(code, dest, timeout=60)
