@@ -112,7 +112,11 @@ def test_writes_the_files_of_save_model_streaming(tmp_path, mode, dtype):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_single_file_state_dict(tmp_path, mode):
-    state = {"a": torch.arange(10.0), "b": torch.ones(3, 4, dtype=torch.int64), "empty": torch.ones(0)}
+    # Contiguous (copied as bytes), a transposed view and an offset slice
+    # (copied by torch), an empty tensor.
+    matrix = torch.arange(48.0).reshape(6, 8)
+    state = {"a": torch.arange(10.0), "b": torch.ones(3, 4, dtype=torch.int64),
+             "transposed": matrix.t(), "slice": matrix[2:5], "empty": torch.ones(0)}
     expected = save_model_streaming(state, tmp_path / "sync")
     written = save_model_streaming_async(state, tmp_path / "async", **MODES[mode]).result(60)
     assert os.path.basename(written) == os.path.basename(expected) == "model.safetensors"

@@ -106,15 +106,22 @@ def _write_files(items, directory: str, meta: list, options: dict) -> str:
     return save_sharded_streaming(items, directory, meta, **options)
 
 
+def _interrupted_at_exit() -> KeyboardInterrupt:
+    return KeyboardInterrupt("the asynchronous save was interrupted at interpreter exit")
+
+
 def _interruptible(items, save: AsyncSave):
     # Between tensors, the writer notices a stop asked at exit (Ctrl-C) and
     # aborts: the temporary files go, nothing is published.
-    for item in items:
+    iterator = iter(items)
+    while True:
         if save._abort.is_set():
-            raise KeyboardInterrupt("the asynchronous save was interrupted at interpreter exit")
+            raise _interrupted_at_exit()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
         yield item
-        if save._abort.is_set():
-            raise KeyboardInterrupt("the asynchronous save was interrupted at interpreter exit")
 
 
 def _check_max_staging_bytes(value: object) -> Optional[int]:
@@ -276,11 +283,17 @@ def save_model_streaming_async(
             work = _stage_through_ring(save, model, entries, pinned, bound, write)
             if optimizer is not None:
                 _wait_before_step(optimizer, save)
-    except BaseException as error:
+    except Exception as error:
         _unclaim(key)
         save._snapshot.set()
         save.set_exception(error)
         return save
+    except BaseException:
+        # A Ctrl-C during the call (waiting for the staging memory, or
+        # copying) stops the caller, as it would a synchronous save.
+        _unclaim(key)
+        save._snapshot.set()
+        raise
 
     def run() -> None:
         try:
@@ -334,12 +347,12 @@ def _stage_through_ring(save: AsyncSave, model, entries, pinned: bool, bound: in
         try:
             buffer = _arena.acquire(capacity, pinned, save._abort)
         except _staging.StagingCancelled:
-            raise KeyboardInterrupt("the asynchronous save was interrupted at interpreter exit")
+            raise _interrupted_at_exit() from None
         try:
             ring = _staging.StagingRing(entries, buffer, capacity, ready, caller_event)
             save._ring = ring
             if save._abort.is_set():
-                ring.stop(KeyboardInterrupt("the asynchronous save was interrupted at interpreter exit"))
+                ring.stop(_interrupted_at_exit())
 
             def produce() -> None:
                 try:
@@ -373,9 +386,8 @@ def _finish_at_exit() -> None:
     try:
         concurrent.futures.wait(running)
     except KeyboardInterrupt:
-        interrupt = KeyboardInterrupt("the asynchronous save was interrupted at interpreter exit")
         for save in running:
-            save._stop(interrupt)
+            save._stop(_interrupted_at_exit())
         while True:
             try:
                 concurrent.futures.wait(running)

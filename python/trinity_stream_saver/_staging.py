@@ -19,6 +19,7 @@ A distributed save stages each rank's local pieces through the same objects.
 from __future__ import annotations
 
 import collections
+import ctypes
 import threading
 from typing import NamedTuple, Optional, Sequence
 
@@ -132,6 +133,22 @@ def _view(buffer: torch.Tensor, offset: int, e: StagedEntry) -> torch.Tensor:
     return buffer[offset: offset + e.nbytes].view(e.dtype).view(e.tensor.shape)
 
 
+def _copy(view: torch.Tensor, source: torch.Tensor) -> None:
+    """`source` into `view` (the staged dtype, C order). A CPU tensor that
+    needs neither a cast nor a reorder is one memcpy on this thread, with
+    the GIL released: ``copy_`` spreads a large copy over the intra-op
+    threads, which are the training's own (bounded staging copies while it
+    runs), and on a busy host waits on the slowest of them (measured 2-4x
+    slower than one memcpy on a loaded 2-core machine); a copy is bound by
+    memory bandwidth, not by threads."""
+    if (source.device.type == "cpu" and source.layout == torch.strided
+            and source.dtype == view.dtype and source.is_contiguous()
+            and not source.is_conj() and not source.is_neg()):
+        ctypes.memmove(view.data_ptr(), source.data_ptr(), source.nbytes)
+    else:
+        view.copy_(source, non_blocking=source.device.type == "cuda")
+
+
 def _check_unchanged(e: StagedEntry) -> None:
     """A tensor changed in place between the call and its copy (an
     optimizer step taken too early) would be saved half old, half new."""
@@ -160,9 +177,8 @@ def stage_all(entries: Sequence[StagedEntry], buffer: torch.Tensor
         for e in entries:
             view = _view(buffer, offset, e)
             source = _whole(e.tensor)
-            gpu = source.device.type == "cuda"
-            on_gpu = on_gpu or gpu
-            view.copy_(source, non_blocking=gpu)
+            on_gpu = on_gpu or source.device.type == "cuda"
+            _copy(view, source)
             staged.append((e.name, view))
             offset += _aligned(e.nbytes)
     copied = None
@@ -225,10 +241,10 @@ class StagingRing:
                     source = _whole(e.tensor)
                     if source.device.type == "cuda":
                         with torch.cuda.stream(stream):
-                            view.copy_(source, non_blocking=True)
+                            _copy(view, source)
                         stream.synchronize()
                     else:
-                        view.copy_(source)
+                        _copy(view, source)
                 _check_unchanged(e)
                 self._hand_over(e.name, view, size > 0)
             with self._condition:
