@@ -183,22 +183,50 @@ def test_the_optimizer_step_waits_for_the_snapshot(tmp_path, monkeypatch):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     save_model_streaming(model, tmp_path / "sync")
     hooks_before = (len(optimizer._optimizer_step_pre_hooks), len(optimizer._optimizer_step_post_hooks))
-    # The smallest ring (one tensor at a time) and a slow writer: staging
-    # lasts as long as the write.
-    wrap_writer(monkeypatch, slowly(0.05))
+    # The smallest ring (the largest tensor) and a writer held at its first
+    # tensor until the step begins, then slow: the snapshot cannot be
+    # complete when the step starts.
+    gate = threading.Event()
+    optimizer.register_step_pre_hook(lambda *_: gate.set())  # runs before the save's hook
+    wrap_writer(monkeypatch, lambda items: slowly(0.05)(held_at(gate, 0)(items)))
     future = save_model_streaming_async(model, tmp_path / "async", max_staging_bytes=0,
                                         optimizer=optimizer)
     seen = []
     # Registered after the save's hook, so it runs after it, just before
     # the parameters change.
     optimizer.register_step_pre_hook(lambda *_: seen.append(future.snapshot_taken()))
-    train_step(model, optimizer)
+    try:
+        train_step(model, optimizer)
+    finally:
+        gate.set()
     assert seen == [True]
     future.result(60)
     assert_same_checkpoint(tmp_path / "async", tmp_path / "sync")
-    # The save's hooks removed themselves; the test's stays.
-    assert (len(optimizer._optimizer_step_pre_hooks) - 1,
+    # The save's hooks removed themselves; the test's two stay.
+    assert (len(optimizer._optimizer_step_pre_hooks) - 2,
             len(optimizer._optimizer_step_post_hooks)) == hooks_before
+
+
+def test_forward_passes_that_update_buffers_may_run_before_the_snapshot(tmp_path, monkeypatch):
+    # The BatchNorm comes after a tensor the ring cannot take while the
+    # writer is held at the first one: its buffers are not staged from the
+    # ring before the forward passes change them.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 128),
+                                torch.nn.BatchNorm1d(128)).train()
+    save_model_streaming(model, tmp_path / "sync")
+    gate = threading.Event()
+    wrap_writer(monkeypatch, held_at(gate, 0))
+    future = save_model_streaming_async(model, tmp_path / "async", max_staging_bytes=0)
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randn(8, 64))
+        assert not future.snapshot_taken()
+    finally:
+        gate.set()
+    future.result(60)
+    assert_same_checkpoint(tmp_path / "async", tmp_path / "sync")
 
 
 def test_a_step_before_the_snapshot_fails_the_save_naming_the_tensor(tmp_path, monkeypatch):
