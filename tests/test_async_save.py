@@ -457,30 +457,30 @@ def test_the_interpreter_waits_for_a_running_save_at_exit(tmp_path, mode):
     assert_same_checkpoint(tmp_path / "async", tmp_path / "sync")
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_ctrl_c_while_training_lets_the_save_finish(tmp_path, mode):
-    child = start_child(tmp_path, mode, "interrupted")
+def interrupt_child(tmp_path, mode: str, ending: str, after_line: str) -> str:
+    """Sends the child Ctrl-C once it has printed `after_line` (the save
+    then has about 4 s of writing left); its stderr."""
+    child = start_child(tmp_path, mode, ending)
     try:
-        wait_for_line(child, "STARTED")
-        time.sleep(0.5)  # training, the save writing (about 4 s)
+        wait_for_line(child, after_line)
+        time.sleep(0.5)
         child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=180)
     finally:
         child.kill()
+    return stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ctrl_c_while_training_lets_the_save_finish(tmp_path, mode):
+    stderr = interrupt_child(tmp_path, mode, "interrupted", "STARTED")
     assert "KeyboardInterrupt" in stderr
     assert_same_checkpoint(tmp_path / "async", tmp_path / "sync")
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_ctrl_c_while_waiting_at_exit_aborts_the_save_cleanly(tmp_path, mode):
-    child = start_child(tmp_path, mode, "returns")
-    try:
-        wait_for_line(child, "EXITING")
-        time.sleep(0.5)  # the interpreter waits for the save (about 4 s)
-        child.send_signal(signal.SIGINT)
-        _, stderr = child.communicate(timeout=60)
-    finally:
-        child.kill()
+    stderr = interrupt_child(tmp_path, mode, "returns", "EXITING")
     assert "1 asynchronous save(s) aborted at exit; nothing of them was published" in stderr
     # Nothing published, no temporary file left.
     assert os.listdir(tmp_path / "async") == []
