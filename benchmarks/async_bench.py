@@ -4,7 +4,7 @@ synchronous save_model_streaming and torch.distributed.checkpoint's
 async_save, in one run, interleaved, repeated.
 
     python benchmarks/async_bench.py [--repeats 3] [--dir /dev/shm/async-bench]
-        [--max-staging-bytes 32MiB] [--json out.json]
+        [--max-staging-bytes 32MiB] [--threads 1] [--json out.json]
 
 Each measured run is a fresh process (so that VmHWM is the run's own): it
 builds a 256 MiB fp32 MLP (16 Linear(2048, 2048)), trains it with SGD on
@@ -57,10 +57,11 @@ def _dcp_writer(folder: str):
     return dcp.FileSystemWriter(folder), "FileSystemWriter"
 
 
-def measure(method: str, folder: str, max_staging_bytes: int) -> dict:
+def measure(method: str, folder: str, max_staging_bytes: int, threads: int) -> dict:
     """One fresh process: train, save twice during training, report."""
     import torch
 
+    torch.set_num_threads(threads)
     from trinity_stream_saver import save_model_streaming, save_model_streaming_async
 
     torch.manual_seed(0)
@@ -148,12 +149,12 @@ def measure(method: str, folder: str, max_staging_bytes: int) -> dict:
     }
 
 
-def _run_child(method: str, folder: str, max_staging_bytes: int) -> dict:
+def _run_child(method: str, folder: str, max_staging_bytes: int, threads: int) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
     output = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--child", method, "--dir", folder,
-         "--max-staging-bytes", str(max_staging_bytes)],
+         "--max-staging-bytes", str(max_staging_bytes), "--threads", str(threads)],
         check=True, capture_output=True, text=True,
     ).stdout
     shutil.rmtree(folder, ignore_errors=True)
@@ -202,11 +203,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default="/dev/shm/async-bench")
     parser.add_argument("--max-staging-bytes", type=_parse_bytes, default=32 * MIB)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the training loop (1: a short step on a shared host)")
     parser.add_argument("--json", help="write every run here")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.dir, args.max_staging_bytes)))
+        print(json.dumps(measure(args.child, args.dir, args.max_staging_bytes, args.threads)))
         return 0
 
     runs: dict[str, list] = {method: [] for method in METHODS}
@@ -216,12 +219,12 @@ def main() -> int:
         order = METHODS[repeat % len(METHODS):] + METHODS[: repeat % len(METHODS)]
         for method in order:
             runs[method].append(_run_child(method, os.path.join(args.dir, method),
-                                           args.max_staging_bytes))
+                                           args.max_staging_bytes, args.threads))
             print(f"repeat {repeat + 1}/{args.repeats} {method}: " + json.dumps(runs[method][-1]),
                   file=sys.stderr)
 
     print(f"{LAYERS} x Linear({WIDTH}, {WIDTH}) fp32 ({runs['sync'][0]['model_mib']:.0f} MiB), "
-          f"SGD, CPU, {args.dir}; dcp.async_save with {runs['dcp_async'][0]['dcp_writer']}; "
+          f"SGD, {args.threads} torch thread(s), CPU, {args.dir}; dcp.async_save with {runs['dcp_async'][0]['dcp_writer']}; "
           f"median of {args.repeats}")
     print(f"{'method':<15}{'save':>5}{'call ms':>9}{'hook ms':>9}{'blocked ms':>12}"
           f"{'total ms':>10}{'steps':>7}{'step ms':>9}{'peak MiB':>10}")

@@ -246,8 +246,10 @@ def save_model_streaming_async(
 
     Every other argument is ``save_model_streaming``'s. Only a single
     process (no torch.distributed, or a process group of one) is supported
-    so far. Every error other than ``EBUSY`` comes through the Future; a
-    failed save leaves the folder as ``save_model_streaming`` leaves it.
+    so far. ``EBUSY`` and a ``save_directory`` that is no path
+    (``TypeError``, ``ValueError``) are raised at once; every other error
+    comes through the Future, and a failed save leaves the folder as
+    ``save_model_streaming`` leaves it.
 
     config.json (transformers models) is written from the model's config
     after the shards and index, as by ``save_model_streaming``.
