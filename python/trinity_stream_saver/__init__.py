@@ -18,8 +18,10 @@ from ._meta import (
 from .distributed import DistributedSaveError, save_model_streaming
 from ._sharded import ShardPlan, plan_shards, save_sharded_streaming
 from ._single_file import finalize, finalize_async, save_safetensors_streaming
+from ._async_save import AsyncSave, save_model_streaming_async
 
 __all__ = [
+    "AsyncSave",
     "DTYPE_TO_SAFETENSORS",
     "DistributedSaveError",
     "TensorMeta",
@@ -31,5 +33,6 @@ __all__ = [
     "plan_shards",
     "save_safetensors_streaming",
     "save_model_streaming",
+    "save_model_streaming_async",
     "save_sharded_streaming",
 ]
