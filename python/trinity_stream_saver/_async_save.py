@@ -3,7 +3,7 @@ thread, from a snapshot of the model, so that training goes on while the
 checkpoint is written.
 
 This module orchestrates only: which tensors are saved comes from the
-synchronous save's own preparation (``_prepare``: state dict order, tied
+synchronous save's own rules (``distributed.entries``: state dict order, tied
 weights once, every argument checked), the copies from ``_staging``, and
 the bytes from the public ``save_sharded_streaming`` plus the config, which
 is what ``save_model_streaming`` writes in a single process. It adds the
@@ -25,11 +25,15 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _staging
-from ._arguments import _path
+from ._arguments import _normalise_metadata, _path
 from ._sharded import save_sharded_streaming
 # The synchronous save's preparation and config writing, reused so that
 # both saves choose the same tensors and write the same files.
-from .distributed import _prepare, _Ranks, _save_config, _saved_dtype
+from ._state_dict import check_cast_target, saved_dtype
+from .distributed import entries as state_dict
+from .distributed.assignment import writer_ranks as checked_writer_ranks
+from .distributed.hf_config import save_config
+from .distributed.phases import Ranks
 
 
 class AsyncSave(concurrent.futures.Future):
@@ -161,9 +165,9 @@ def _wait_before_step(optimizer, save: AsyncSave) -> None:
     handles.append(optimizer.register_step_pre_hook(wait))
 
 
-def _staged_entries(prepared, dtype) -> list[_staging.StagedEntry]:
-    return [_staging.entry(name, tensor, _saved_dtype(tensor, dtype))
-            for name, tensor in prepared.entries]
+def _staged_entries(model, dtype) -> list[_staging.StagedEntry]:
+    return [_staging.entry(name, tensor, saved_dtype(tensor.dtype, dtype))
+            for name, tensor in state_dict.entries(model)]
 
 
 def _buffers_now(model, entries: Sequence[_staging.StagedEntry]) -> dict[int, torch.Tensor]:
@@ -180,10 +184,19 @@ def _buffers_now(model, entries: Sequence[_staging.StagedEntry]) -> dict[int, to
     return ready
 
 
+# The save threads started and not yet joined. The exit handler joins them
+# after their Futures are done: a daemon thread still unwinding its frames
+# when the interpreter finalizes is ended mid-call, which can abort the
+# process ("terminate called without an active exception").
+_threads: list[threading.Thread] = []
+
+
 def _start(target, name: str) -> None:
     thread = threading.Thread(target=target, name=name, daemon=True)
     try:
         thread.start()
+        with _running_lock:
+            _threads[:] = [t for t in _threads if t.is_alive()] + [thread]
     except RuntimeError:
         # At interpreter shutdown no thread may start: the save then runs
         # here, which keeps its promise to finish before exit.
@@ -258,7 +271,7 @@ def save_model_streaming_async(
     save = AsyncSave(directory)
     key = _claim(directory, save)
     try:
-        ranks = _Ranks(process_group)
+        ranks = Ranks(process_group)
         if ranks.size > 1:
             raise NotImplementedError(
                 f"save_model_streaming_async does not yet save across {ranks.size} ranks; use "
@@ -266,9 +279,12 @@ def save_model_streaming_async(
             )
         bound = _check_max_staging_bytes(max_staging_bytes)
         _check_optimizer(optimizer)
-        prepared, _ = _prepare(model, directory, max_shard_size, filename_pattern, metadata, dtype,
-                               writer_ranks, ranks)
-        entries = _staged_entries(prepared, dtype)
+        # The synchronous save's argument checks, made at the call.
+        if dtype is not None:
+            check_cast_target(dtype)
+        _normalise_metadata(metadata)
+        checked_writer_ranks(writer_ranks, ranks.size)
+        entries = _staged_entries(model, dtype)
         meta = [(e.name, e.dtype, list(e.tensor.shape)) for e in entries]
         options = dict(max_shard_size=max_shard_size, filename_pattern=filename_pattern,
                        metadata=metadata, fsync=fsync, progress=progress)
@@ -276,7 +292,7 @@ def save_model_streaming_async(
 
         def write(items) -> str:
             written = _write_files(_interruptible(items, save), directory, meta, options)
-            _save_config(model, directory, dtype)
+            save_config(model, directory, dtype)
             return written
 
         if bound is None:
@@ -383,10 +399,11 @@ def _finish_at_exit() -> None:
     meanwhile aborts them cleanly rather than killing them mid-file."""
     with _running_lock:
         running = list(_running.values())
-    if not running:
-        return
+        threads = list(_threads)
     try:
         concurrent.futures.wait(running)
+        for thread in threads:
+            thread.join()
     except KeyboardInterrupt:
         for save in running:
             save._stop(_interrupted_at_exit())
@@ -396,6 +413,8 @@ def _finish_at_exit() -> None:
                 break
             except KeyboardInterrupt:
                 continue  # the abort itself is short: let it finish
+        for thread in threads:
+            thread.join()
         aborted = sum(1 for save in running if save.exception() is not None)
         print(f"trinity_stream_saver: {aborted} asynchronous save(s) aborted at exit; "
               "nothing of them was published.", file=sys.stderr)

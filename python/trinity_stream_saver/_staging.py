@@ -25,10 +25,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without distributed support
-    DTensor = None
+from ._state_dict import is_dtensor
 
 # Every staged tensor starts on a cache line, which is also a multiple of
 # every element size, so that a byte offset can be viewed as any dtype.
@@ -61,7 +58,7 @@ def entry(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> StagedEntry:
 
 def _source(tensor: torch.Tensor) -> torch.Tensor:
     """The memory a tensor's values are read from: a DTensor's local piece."""
-    if DTensor is not None and isinstance(tensor, DTensor):
+    if is_dtensor(tensor):
         return tensor._local_tensor
     return tensor
 
@@ -69,7 +66,7 @@ def _source(tensor: torch.Tensor) -> torch.Tensor:
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
     # A DTensor reaches here only in a group of one, where its local piece
     # is the whole tensor (full_tensor() makes no copy across ranks).
-    if DTensor is not None and isinstance(tensor, DTensor):
+    if is_dtensor(tensor):
         return tensor.full_tensor()
     return tensor.detach()
 
