@@ -255,13 +255,20 @@ CHILD_SAVE = textwrap.dedent(
     size = 16 << 20
     meta = [(f"t{i}", "U8", [size]) for i in range(count)]
 
+    # One buffer refilled for every tensor, as a producer copying from a
+    # GPU through a staging buffer does: what VmHWM shows beyond it is the
+    # saver's. (Fresh tensors from torch.full also show glibc keeping freed
+    # 16 MiB blocks in the heap once upload threads run: its dynamic mmap
+    # threshold, not memory the saver holds.)
+    buffer = torch.empty([size], dtype=torch.uint8)
+
     def items():
         for i in range(count):
             if i == interrupt_at:
                 os.kill(os.getpid(), signal.SIGINT)
-            yield f"t{i}", torch.full([size], i % 251, dtype=torch.uint8)
+            buffer.fill_(i % 251)
+            yield f"t{i}", buffer
 
-    torch.empty(1)
     baseline = status("VmHWM")
     try:
         save_safetensors_streaming(items(), url, meta)
