@@ -94,6 +94,13 @@ bool is_column_major_matrix(const at::Tensor& view) {
          !view.is_neg();
 }
 
+std::vector<std::string> names_of(const std::vector<TensorMeta>& meta) {
+  std::vector<std::string> names;
+  names.reserve(meta.size());
+  for (const TensorMeta& row : meta) names.push_back(row.name);
+  return names;
+}
+
 }  // namespace
 
 TensorWriter::TensorWriter(std::string path, const std::vector<TensorMeta>& meta,
@@ -103,12 +110,7 @@ TensorWriter::TensorWriter(std::string path, const std::vector<TensorMeta>& meta
       reserved_(planned_.header_size),
       file_(std::make_unique<FileSink>(std::move(path))),
       sink_(*file_),
-      planned_names_([&] {
-        std::vector<std::string> names;
-        names.reserve(meta.size());
-        for (const TensorMeta& row : meta) names.push_back(row.name);
-        return names;
-      }()),
+      planned_names_(names_of(meta)),
       between_chunks_(std::move(between_chunks)) {
   if (metadata) header_.append(metadata_entry(*metadata));
   std::uint64_t file_size = 0;
@@ -124,12 +126,7 @@ TensorWriter::TensorWriter(SequentialSink& sink, const std::vector<TensorMeta>& 
     : planned_(plan_file(meta, metadata)),
       reserved_(planned_.header_size),
       sink_(sink),
-      planned_names_([&] {
-        std::vector<std::string> names;
-        names.reserve(meta.size());
-        for (const TensorMeta& row : meta) names.push_back(row.name);
-        return names;
-      }()),
+      planned_names_(names_of(meta)),
       between_chunks_(std::move(between_chunks)) {
   if (metadata) header_.append(metadata_entry(*metadata));
   plan_file(meta, metadata, &sent_entries_);  // checked above; now the entries
