@@ -162,6 +162,7 @@ FILE_FAILURES = {
         ValueError,
     ),
     "more tensors than rows": (lambda items: iter(items + [("extra", torch.zeros(2))]), ValueError),
+    "an item that is not a pair": (lambda items: iter(items[:2] + ["oops"]), TypeError),
 }
 
 
@@ -349,3 +350,24 @@ def test_an_fsspec_save_that_fails_leaves_no_file(tmp_path):
 def test_storage_options_for_a_local_path_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="storage_options applies to URLs"):
         save_safetensors_streaming(iter([]), str(tmp_path / "m.safetensors"), [], storage_options={"key": "k"})
+
+
+def test_an_fsspec_sharded_save_is_the_folder_save(tmp_path):
+    items = model_items()
+    save_sharded_streaming(iter(items), str(tmp_path / "local"), meta_for(items), max_shard_size="8MB")
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "model.safetensors").write_bytes(b"an older single file")
+    save_sharded_streaming(
+        iter(items), f"file://{tmp_path}/remote", meta_for(items), max_shard_size="8MB", part_size=PART
+    )
+    local = {name: read_bytes(tmp_path / "local" / name) for name in os.listdir(tmp_path / "local")}
+    remote = {name: read_bytes(tmp_path / "remote" / name) for name in os.listdir(tmp_path / "remote")}
+    assert remote == local
+
+
+def test_a_part_size_s3_cannot_take_is_an_error_before_any_upload(bucket):
+    items = model_items()
+    with pytest.raises(ValueError, match="part_size must be at least 5242880"):
+        save_safetensors_streaming(iter(items), bucket.url("m.safetensors"), meta_for(items), part_size=MiB)
+    assert bucket.objects() == {}
+    assert bucket.pending_uploads() == []

@@ -54,6 +54,7 @@ class _FileUpload:
         if store.max_parts is not None:
             # Large enough that the whole file fits the store's part count.
             part_size = max(part_size, -(-total // store.max_parts))
+        self._parts = None
         self._target = store.start(key)
         save.started.append(self)
         self._parts = _C.PartUpload(
