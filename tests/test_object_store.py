@@ -371,3 +371,26 @@ def test_a_part_size_s3_cannot_take_is_an_error_before_any_upload(bucket):
         save_safetensors_streaming(iter(items), bucket.url("m.safetensors"), meta_for(items), part_size=MiB)
     assert bucket.objects() == {}
     assert bucket.pending_uploads() == []
+
+
+@pytest.mark.parametrize("save", ["single", "sharded"])
+def test_each_tensor_is_released_before_the_next_is_requested(bucket, save):
+    import weakref
+
+    items = model_items()
+    alive_at_next = []
+
+    def producer():
+        previous = None
+        for name, tensor in items:
+            alive_at_next.append(previous is not None and previous() is not None)
+            fresh = tensor.clone()
+            previous = weakref.ref(fresh)
+            yield name, fresh
+            del fresh
+
+    if save == "single":
+        save_safetensors_streaming(producer(), bucket.url("m.safetensors"), meta_for(items), part_size=PART)
+    else:
+        save_sharded_streaming(producer(), bucket.url("ckpt"), meta_for(items), max_shard_size="8MB", part_size=PART)
+    assert alive_at_next == [False] * len(items)

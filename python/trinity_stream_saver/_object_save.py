@@ -168,9 +168,13 @@ def save_file_to_store(
     store, key = open_store(url, storage_options)
     with _StoreSave(store, part_size, concurrency) as save:
         upload = _FileUpload(save, key, state_dict_meta, metadata)
-        for index, item in enumerate(tensor_iter):
+        # Counted by hand: enumerate keeps its last (index, item) pair, and
+        # so the tensor, alive while the producer makes the next one.
+        index = 0
+        for item in tensor_iter:
             upload.write(item, index)
             del item  # nothing of ours holds a tensor while the producer makes the next
+            index += 1
         upload.finish()
         save.complete_all()
     return store.url(key)
@@ -196,9 +200,11 @@ def save_sharded_to_store(
     with _StoreSave(store, part_size, concurrency) as save:
         open_uploads: dict[str, _FileUpload] = {}
         written = {name: 0 for name in files}
-        for index_, item in enumerate(tensor_iter):
+        row = 0  # counted by hand, as in save_file_to_store
+        for item in tensor_iter:
             # Past the last row, the last file's writer refuses the extra tensor.
-            filename = file_of_row[min(index_, len(file_of_row) - 1)] if file_of_row else files[-1]
+            filename = file_of_row[min(row, len(file_of_row) - 1)] if file_of_row else files[-1]
+            row += 1
             upload = open_uploads.get(filename)
             if upload is None:
                 # A file's upload begins with its first tensor, so only the
