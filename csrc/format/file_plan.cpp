@@ -68,7 +68,8 @@ CheckedMeta check_meta(const TensorMeta& meta) {
   return {*dtype, std::move(*shape), *bytes};
 }
 
-FileLayout plan_file(const std::vector<TensorMeta>& meta, const std::optional<Metadata>& metadata) {
+FileLayout plan_file(const std::vector<TensorMeta>& meta, const std::optional<Metadata>& metadata,
+                     std::vector<std::string>* entries) {
   HeaderJson json;
   if (metadata) {
     json.append(metadata_entry(*metadata));
@@ -94,7 +95,9 @@ FileLayout plan_file(const std::vector<TensorMeta>& meta, const std::optional<Me
                        " describes a tensor too large to store (the data would reach 2^64 "
                        "bytes or more); check its shape.");
     }
-    json.append(tensor_entry(row.name, checked.dtype, checked.header_shape, offset, end));
+    std::string entry = tensor_entry(row.name, checked.dtype, checked.header_shape, offset, end);
+    if (entries != nullptr) entries->push_back(entry);
+    json.append(std::move(entry));
     offset = end;
     largest = std::max(largest, checked.bytes);
   }

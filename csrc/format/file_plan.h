@@ -41,7 +41,10 @@ CheckedMeta check_meta(const TensorMeta& meta);
 // The layout of a file holding `meta`'s tensors in order, with `metadata`
 // as "__metadata__" (none without it). Throws ValueError for bad rows,
 // duplicate or reserved names, and a header safetensors could not read.
-FileLayout plan_file(const std::vector<TensorMeta>& meta, const std::optional<Metadata>& metadata);
+// With `entries`, also gives the header entry of each row, in order (for a
+// writer that sends the header before the data).
+FileLayout plan_file(const std::vector<TensorMeta>& meta, const std::optional<Metadata>& metadata,
+                     std::vector<std::string>* entries = nullptr);
 
 // Throws ValueError if `name` is reserved or already in `seen`; `where`
 // starts the message ("tensor 'x'", "state_dict_meta").

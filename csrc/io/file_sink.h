@@ -10,10 +10,11 @@
 #include <string>
 
 #include "io/file_descriptor.h"
+#include "io/sequential_sink.h"
 
 namespace trinity_stream_saver {
 
-class FileSink final {
+class FileSink final : public SequentialSink {
  public:
   // Appends smaller than this are copied into the buffer so that many small
   // tensors cost one system call, not one each.
@@ -29,7 +30,7 @@ class FileSink final {
   // and removes its file: a failed save leaves nothing behind. The file is
   // removed while still locked, so that the removal cannot hit the file
   // of a save that starts at the same moment.
-  ~FileSink();
+  ~FileSink() override;
 
   FileSink(const FileSink&) = delete;
   FileSink& operator=(const FileSink&) = delete;
@@ -44,7 +45,7 @@ class FileSink final {
   // Moves the append position to `offset` (leaving a hole to fill later).
   void seek(std::uint64_t offset);
 
-  void append(const void* data, std::size_t size);
+  void append(const void* data, std::size_t size) override;
 
   // Appends `size` bytes read only by write(2), never copied in user space:
   // memory that another thread frees meanwhile makes the write fail with

@@ -20,6 +20,8 @@
 #include "format/dtype.h"
 #include "format/file_plan.h"
 #include "format/header.h"
+#include "format/shard_index.h"
+#include "io/part_sink.h"
 #include "format/shard_plan.h"
 #include "python/meta_from_python.h"
 #include "writer/background_writer.h"
@@ -260,6 +262,70 @@ void check_file_without_gil(const std::string& path) {
   check_safetensors_file(path);
 }
 
+// ---- Object storage: files streamed in order into upload parts ----
+//
+// One file of an object-store save: a TensorWriter in order over a
+// PartSink. Python drives it tensor by tensor (it decides which upload a
+// tensor goes to, since a sharded save has a shard's upload and a large
+// tensor's own upload open at once). Each filled part goes to
+// `upload(number, memoryview, release)`, called with the GIL, which queues
+// the upload on a Python thread and returns; that thread calls
+// release(ok) exactly once, when it no longer reads the memoryview. The
+// Python side calls finish() or, on failure, wait_until_released() before
+// it drops this object, so that no memoryview outlives the buffers.
+class PartUpload final {
+ public:
+  PartUpload(py::handle state_dict_meta, py::handle resolve_dtype, py::handle metadata,
+             const std::string& destination, std::size_t part_size, std::size_t max_parts,
+             py::object upload)
+      : upload_(std::move(upload)),
+        sink_(destination, part_size, max_parts,
+              [this](const Part& part) { hand_off(part); }, raise_pending_signals_without_gil),
+        writer_(sink_, meta_from_python(state_dict_meta, resolve_dtype),
+                metadata_from_python(metadata), raise_pending_signals_without_gil) {}
+
+  // Writes item `index` of the caller's iterator, a (name, tensor) pair.
+  void write(py::handle item, std::size_t index) {
+    std::string name;
+    at::Tensor tensor;
+    unpack_item(item, index, &name, &tensor);
+    py::gil_scoped_release nogil;
+    writer_.write(name, tensor);
+  }
+
+  // Checks that every row was written, sends the last part and waits for
+  // every upload; returns the number of parts.
+  std::size_t finish() {
+    py::gil_scoped_release nogil;
+    writer_.finish_in_order();
+    sink_.finish();
+    return sink_.parts();
+  }
+
+  void wait_until_released() {
+    py::gil_scoped_release nogil;
+    sink_.wait_until_released();
+  }
+
+ private:
+  // Runs on the writing thread, which holds no GIL.
+  void hand_off(const Part& part) {
+    py::gil_scoped_acquire gil;
+    py::object view = py::reinterpret_steal<py::object>(PyMemoryView_FromMemory(
+        const_cast<char*>(part.data), static_cast<Py_ssize_t>(part.size), PyBUF_READ));
+    if (!view) throw py::error_already_set();
+    PartSink* sink = &sink_;
+    const std::size_t number = part.number;
+    upload_(number, view, py::cpp_function([sink, number](bool uploaded) {
+              sink->release(number, uploaded);
+            }));
+  }
+
+  py::object upload_;
+  PartSink sink_;
+  TensorWriter writer_;
+};
+
 std::optional<std::string> safetensors_dtype_name(at::ScalarType scalar_type) {
   const std::optional<Dtype> dtype = safetensors_dtype(scalar_type);
   if (!dtype) return std::nullopt;
@@ -360,6 +426,27 @@ PYBIND11_MODULE(_C, m) {
            py::arg("metadata"), py::arg("total_parameters"), py::arg("sync"))
       .def("finish", &tss::finish_checkpoint,
            "Puts the index in place and removes an older checkpoint's files; returns the path.");
+  py::class_<tss::PartUpload>(m, "PartUpload",
+                              "One safetensors file streamed in order into upload parts.")
+      .def(py::init<py::handle, py::handle, py::handle, const std::string&, std::size_t,
+                    std::size_t, py::object>(),
+           py::arg("state_dict_meta"), py::arg("resolve_dtype"), py::arg("metadata"),
+           py::arg("destination"), py::arg("part_size"), py::arg("max_parts"),
+           py::arg("upload"))
+      .def("write", &tss::PartUpload::write, py::arg("item"), py::arg("index"))
+      .def("finish", &tss::PartUpload::finish)
+      .def("wait_until_released", &tss::PartUpload::wait_until_released);
+  m.def("shard_file_metadata", [](const tss::ShardPlan& plan, py::handle metadata) {
+          return tss::shard_file_metadata(plan, tss::metadata_from_python(metadata));
+        }, py::arg("plan"), py::arg("metadata"),
+        "The __metadata__ of each file of a sharded save.");
+  m.def("is_checkpoint_filename", &tss::is_checkpoint_filename, py::arg("pattern"),
+        py::arg("filename"), "Whether a save with pattern writes a file of that name.");
+  m.def("shard_index_json", [](const tss::ShardPlan& plan, py::handle metadata) {
+          return py::bytes(tss::shard_index_json(plan, plan.total_parameters,
+                                                 tss::metadata_from_python(metadata)));
+        }, py::arg("plan"), py::arg("metadata"),
+        "The index of a sharded save, as transformers writes it.");
   m.def("check_file", &tss::check_file_without_gil, py::arg("path"),
         "Raises ValueError naming path and the problem unless it is a complete "
         "safetensors file (header length, JSON, dtypes, offsets covering the data, size).");

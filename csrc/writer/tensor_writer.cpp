@@ -71,6 +71,13 @@ bool storage_covers_view(const at::Tensor& tensor) {
   }
 }
 
+std::vector<std::string> names_of(const std::vector<TensorMeta>& meta) {
+  std::vector<std::string> names;
+  names.reserve(meta.size());
+  for (const TensorMeta& row : meta) names.push_back(row.name);
+  return names;
+}
+
 }  // namespace
 
 TensorWriter::TensorWriter(std::string path, const std::vector<TensorMeta>& meta,
@@ -78,20 +85,50 @@ TensorWriter::TensorWriter(std::string path, const std::vector<TensorMeta>& meta
                            std::function<void()> between_chunks)
     : planned_(plan_file(meta, metadata)),
       reserved_(planned_.header_size),
-      sink_(std::move(path)),
-      planned_names_([&] {
-        std::vector<std::string> names;
-        names.reserve(meta.size());
-        for (const TensorMeta& row : meta) names.push_back(row.name);
-        return names;
-      }()),
+      file_(std::make_unique<FileSink>(std::move(path))),
+      sink_(*file_),
+      planned_names_(names_of(meta)),
       between_chunks_(std::move(between_chunks)) {
   if (metadata) header_.append(metadata_entry(*metadata));
   std::uint64_t file_size = 0;
   if (!__builtin_add_overflow(8 + reserved_, planned_.data_size, &file_size)) {
-    sink_.reserve_space(file_size);
+    file_->reserve_space(file_size);
   }
-  sink_.seek(8 + reserved_);
+  file_->seek(8 + reserved_);
+}
+
+TensorWriter::TensorWriter(SequentialSink& sink, const std::vector<TensorMeta>& meta,
+                           const std::optional<Metadata>& metadata,
+                           std::function<void()> between_chunks)
+    : planned_(plan_file(meta, metadata)),
+      reserved_(planned_.header_size),
+      sink_(sink),
+      planned_names_(names_of(meta)),
+      between_chunks_(std::move(between_chunks)) {
+  if (metadata) header_.append(metadata_entry(*metadata));
+  plan_file(meta, metadata, &sent_entries_);  // checked above; now the entries
+  HeaderJson planned = header_;
+  for (const std::string& entry : sent_entries_) planned.append(entry);
+  const std::string header = encode_header(planned.str(), reserved_);
+  failing_for_good([&] { sink_.append(header.data(), header.size()); });
+}
+
+void TensorWriter::check_matches_row(const std::string& name, const std::string& entry) const {
+  const std::size_t row = names_.size();
+  if (row >= sent_entries_.size()) {
+    throw ValueError("tensor " + quoted_name(name) + " is one more than the " +
+                     std::to_string(sent_entries_.size()) +
+                     " tensors state_dict_meta lists; a save in order has already written "
+                     "the header from state_dict_meta. List every tensor the iterator yields.");
+  }
+  if (entry != sent_entries_[row]) {
+    throw ValueError("tensor " + quoted_name(name) + " (item " + std::to_string(row) +
+                     ") differs from row " + quoted_name(planned_names_[row]) +
+                     " of state_dict_meta in name, dtype or shape. A save in order (to object "
+                     "storage) writes the header from state_dict_meta before any data, so "
+                     "each tensor must match its row exactly, in the order yielded; collect "
+                     "the meta from the tensors you save (collect_state_dict_meta).");
+  }
 }
 
 Dtype TensorWriter::check_tensor(const std::string& name,
@@ -192,7 +229,9 @@ std::uint64_t TensorWriter::add(const std::string& name, const at::Tensor& tenso
       tensor_entry(name, dtype, *shape, data_size_, data_size_ + bytes);
   // A tensor may differ from its row in dtype or shape (as in the original
   // saver, whose callers may declare every row bfloat16): it is written as
-  // it is, and the file describes it, as long as its entry still fits.
+  // it is, and the file describes it, as long as its entry still fits. A
+  // save in order has sent the header already: there it must match its row.
+  if (!file_) check_matches_row(name, entry);
   if (header_.size_with(entry) > reserved_) {
     throw ValueError(
         "tensor " + quoted_name(name) + " (" + std::string(dtype.name) + ", shape " +
@@ -252,12 +291,16 @@ void TensorWriter::append_owned(const void* data, std::size_t size) {
 
 void TensorWriter::append_foreign(const std::string& name, const void* data, std::size_t size,
                                   const std::function<void()>& between_chunks) {
+  if (!file_) {
+    throw ValueError("overlap is not available for a save in order (to object storage): "
+                     "its parts upload in the background already; save with overlap=False.");
+  }
   const char* bytes = static_cast<const char*>(data);
   try {
     failing_for_good([&] {
       for (std::size_t done = 0; done < size; done += kChunkBytes) {
         if (done != 0 && between_chunks) between_chunks();
-        sink_.append_unbuffered(bytes + done, std::min(kChunkBytes, size - done));
+        file_->append_unbuffered(bytes + done, std::min(kChunkBytes, size - done));
       }
     });
   } catch (const OsError& error) {
@@ -270,7 +313,7 @@ void TensorWriter::append_foreign(const std::string& name, const void* data, std
   }
 }
 
-void TensorWriter::finish_file() {
+void TensorWriter::check_all_rows_written() const {
   // Counted, not matched by name: callers may yield renamed keys (e.g. FSDP
   // prefixes stripped after the meta was collected). The names only hint.
   if (names_.size() < planned_names_.size()) {
@@ -293,27 +336,45 @@ void TensorWriter::finish_file() {
         "describes, or pass state_dict_meta for only the tensors you save." +
         (listed != 0 ? " Rows never yielded by name: " + never_yielded + "." : ""));
   }
+}
+
+void TensorWriter::finish_in_order() {
+  check_usable("finish the file");
+  check_all_rows_written();
+}
+
+void TensorWriter::finish_file() {
+  check_all_rows_written();
   // The preallocated size assumed every tensor of state_dict_meta; fewer
   // (or smaller) tensors leave preallocated space to cut off.
-  if (data_size_ != planned_.data_size) sink_.truncate(8 + reserved_ + data_size_);
+  if (data_size_ != planned_.data_size) file_->truncate(8 + reserved_ + data_size_);
   const std::string header = encode_header(header_.str(), reserved_);
-  sink_.write_at(0, header.data(), header.size());
+  file_->write_at(0, header.data(), header.size());
+}
+
+void TensorWriter::check_writes_file() const {
+  if (!file_) {
+    throw ValueError("this TensorWriter writes in order to a sink, not a file; finish it "
+                     "with finish_in_order().");
+  }
 }
 
 void TensorWriter::close_and_rename(const std::string& destination, bool sync) {
+  check_writes_file();
   check_usable("finish the file");
   failing_for_good([&] {
     finish_file();
-    sink_.close_and_rename(destination, sync);
+    file_->close_and_rename(destination, sync);
   });
 }
 
 FileDescriptor TensorWriter::close_and_keep(bool sync) {
+  check_writes_file();
   check_usable("finish the file");
   FileDescriptor lock;
   failing_for_good([&] {
     finish_file();
-    lock = sink_.close_and_keep(sync);
+    lock = file_->close_and_keep(sync);
   });
   return lock;
 }

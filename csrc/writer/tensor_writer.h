@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <unordered_set>
@@ -19,6 +20,7 @@
 #include "format/file_plan.h"
 #include "format/header.h"
 #include "io/file_sink.h"
+#include "io/sequential_sink.h"
 #include "writer/overlap_target.h"
 
 namespace trinity_stream_saver {
@@ -40,6 +42,17 @@ class TensorWriter final : public OverlapTarget {
   // ValueError for bad metadata (before creating any file), OsError if the
   // file cannot be created.
   TensorWriter(std::string path, const std::vector<TensorMeta>& meta,
+               const std::optional<Metadata>& metadata,
+               std::function<void()> between_chunks = {});
+
+  // In order, for a sink that cannot seek (an object store): writes the
+  // whole header that `meta` and `metadata` describe now, then the data as
+  // it comes. Since the header is already sent, each tensor must match its
+  // row of `meta` exactly (name, dtype, shape, in order): one that does not
+  // is refused with ValueError before any of its bytes are written (the
+  // file sink instead writes the header last, from the tensors yielded).
+  // Finish with finish_in_order(). `sink` must outlive the writer.
+  TensorWriter(SequentialSink& sink, const std::vector<TensorMeta>& meta,
                const std::optional<Metadata>& metadata,
                std::function<void()> between_chunks = {});
 
@@ -72,6 +85,10 @@ class TensorWriter final : public OverlapTarget {
   // returns the descriptor that holds its lock (see FileSink::close_and_keep).
   FileDescriptor close_and_keep(bool sync);
 
+  // In-order writer: throws ValueError unless every row of `meta` was
+  // written. The caller then finishes its sink.
+  void finish_in_order();
+
   // N: the header length reserved in the file.
   std::uint64_t reserved_header_size() const noexcept { return reserved_; }
 
@@ -91,10 +108,23 @@ class TensorWriter final : public OverlapTarget {
   void write_contiguous(const at::Tensor& tensor);
   void stage_and_append(const at::Tensor& view);
   void finish_file();
+  // Throws ValueError if this writer writes in order, to no file.
+  void check_writes_file() const;
+  // Throws ValueError unless as many tensors were written as `meta` lists.
+  void check_all_rows_written() const;
+  // In order: throws ValueError unless `entry`, tensor `name`'s header
+  // entry, is the one already written for the next row.
+  void check_matches_row(const std::string& name, const std::string& entry) const;
 
   const FileLayout planned_;
   const std::uint64_t reserved_;
-  FileSink sink_;
+  // The file when writing to a path; null when writing to a caller's
+  // SequentialSink in order.
+  std::unique_ptr<FileSink> file_;
+  SequentialSink& sink_;  // *file_, or the caller's
+  // In order: the entries of the header already written, one per row of
+  // `meta`; tensor i must produce exactly entry i. Empty for a file.
+  std::vector<std::string> sent_entries_;
   HeaderJson header_;
   const std::vector<std::string> planned_names_;  // for the missing-rows hint
   std::unordered_set<std::string> names_;

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Mapping
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -20,6 +20,8 @@ from ._arguments import (
 )
 from ._extension import _C
 from ._meta import TensorMeta
+from ._object_save import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, save_sharded_to_store
+from ._object_store import url_protocol
 from ._progress import _counted, _progress_bar
 
 
@@ -102,6 +104,9 @@ def save_sharded_streaming(
     fsync: bool = False,
     overlap: bool = False,
     progress: bool = False,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    part_size: int = DEFAULT_PART_SIZE,
+    concurrency: int = DEFAULT_CONCURRENCY,
 ) -> str:
     """Stream a sharded Hugging Face checkpoint (``model-00001-of-00005.safetensors``
     ... and ``model.safetensors.index.json``) into ``save_directory``, one
@@ -121,6 +126,11 @@ def save_sharded_streaming(
             the index before returning.
         overlap: as in ``save_safetensors_streaming``.
         progress: show a tqdm progress bar in bytes (needs tqdm).
+        storage_options, part_size, concurrency: for a URL prefix
+            (``s3://bucket/ckpt``, or any protocol fsspec knows), as in
+            ``save_safetensors_streaming``. No object appears before every
+            shard is uploaded; the index comes last (see the README's
+            "Object storage"). ``fsync`` and ``overlap`` do not apply.
 
     Returns:
         The index's path, or the single file's path when everything fits in
@@ -135,12 +145,24 @@ def save_sharded_streaming(
     _reject_mapping(tensor_iter)
     directory = _path("save_directory", save_directory)
     extra = _normalise_metadata(metadata)
-    plan = plan_shards(state_dict_meta, max_shard_size, filename_pattern)
+    _check_meta(state_dict_meta)
+    meta = list(state_dict_meta) if url_protocol(directory) is not None else state_dict_meta
+    plan = plan_shards(meta, max_shard_size, filename_pattern)
     bar = None
     if progress:
         bar = _progress_bar(plan.metadata["total_size"], os.path.basename(os.path.normpath(directory)))
         tensor_iter = _counted(tensor_iter, bar)
     try:
+        # ---- object storage (see _object_save) ----
+        if url_protocol(directory) is not None:
+            return save_sharded_to_store(
+                tensor_iter, directory, meta, plan, extra, storage_options, part_size, concurrency
+            )
+        if storage_options is not None:
+            raise ValueError(
+                f"storage_options applies to URLs (s3://...), but {directory!r} is a local path."
+            )
+        # ---- end of object storage ----
         written = _C.save_sharded(
             tensor_iter, os.fsencode(directory), plan._plan, extra, bool(fsync), bool(overlap)
         )

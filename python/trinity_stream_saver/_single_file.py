@@ -7,7 +7,7 @@ import concurrent.futures
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -21,6 +21,8 @@ from ._arguments import (
 )
 from ._extension import _C
 from ._meta import TensorMeta
+from ._object_save import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, save_file_to_store
+from ._object_store import url_protocol
 from ._progress import _counted, _progress_bar
 
 
@@ -35,6 +37,9 @@ def save_safetensors_streaming(
     overlap: bool = False,
     max_queued_bytes: Optional[int] = None,
     progress: bool = False,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    part_size: int = DEFAULT_PART_SIZE,
+    concurrency: int = DEFAULT_CONCURRENCY,
 ) -> str:
     """Stream-write a safetensors file, holding only one tensor in memory.
 
@@ -81,6 +86,15 @@ def save_safetensors_streaming(
             resized fails the save with ``ValueError`` naming it; changes
             made behind torch's back (numpy, raw pointers) cannot be seen.
         progress: if True, show a tqdm progress bar in bytes (needs tqdm).
+        storage_options, part_size, concurrency: for a URL destination
+            (``s3://bucket/key``, or any protocol fsspec knows): options
+            for the store (for s3://, boto3 client arguments or s3fs's
+            names; else fsspec's), the upload part size in bytes and the
+            parts uploading at once. The file is streamed in order, with
+            nothing on local disk, and appears only when complete; see
+            the README's "Object storage". ``rename`` must be True;
+            ``fsync``, ``overlap`` and ``max_queued_bytes`` do not apply
+            (the parts upload beside the producer already).
 
     Returns:
         ``str(filepath)`` if ``rename`` else the temporary file's path.
@@ -107,6 +121,22 @@ def save_safetensors_streaming(
         bar = _progress_bar(_C.data_size(state_dict_meta, _resolve_dtype), os.path.basename(path))
         tensor_iter = _counted(tensor_iter, bar)
     try:
+        # ---- object storage (see _object_save) ----
+        if url_protocol(path) is not None:
+            if not rename:
+                raise ValueError(
+                    f"rename=False leaves a temporary local file; {path!r} is an object, which "
+                    "appears only when its upload completes. Save with rename=True."
+                )
+            return save_file_to_store(
+                tensor_iter, path, list(state_dict_meta), extra, storage_options,
+                part_size, concurrency,
+            )
+        if storage_options is not None:
+            raise ValueError(
+                f"storage_options applies to URLs (s3://...), but {path!r} is a local path."
+            )
+        # ---- end of object storage ----
         written = _C.save(
             tensor_iter,
             os.fsencode(path),

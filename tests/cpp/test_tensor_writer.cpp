@@ -329,3 +329,54 @@ TEST(TensorWriter, WritesFloat4WithTheUnpackedShape) {
 
 }  // namespace
 }  // namespace trinity_stream_saver
+
+// ---- In order, to a sequential sink ----
+
+namespace trinity_stream_saver {
+namespace {
+
+struct StringSink final : SequentialSink {
+  std::string bytes;
+  void append(const void* data, std::size_t size) override {
+    bytes.append(static_cast<const char*>(data), size);
+  }
+};
+
+TEST(TensorWriterInOrder, WritesTheSameBytesAsTheFileWriter) {
+  ScratchDir dir;
+  const at::Tensor a = at::arange(12, at::kFloat).reshape({3, 4});
+  const at::Tensor b = at::arange(6, at::kShort).reshape({2, 3}).t();
+  const std::vector<TensorMeta> meta{{"a", "F32", {3, 4}}, {"b", "I16", {3, 2}}};
+  const Metadata metadata{{"k", "v"}};
+  TensorWriter file(dir.file("x.safetensors.tmp"), meta, metadata);
+  file.write("a", a);
+  file.write("b", b);
+  file.close_and_rename(dir.file("x.safetensors"), false);
+  StringSink sink;
+  TensorWriter in_order(sink, meta, metadata);
+  in_order.write("a", a);
+  in_order.write("b", b);
+  in_order.finish_in_order();
+  EXPECT_EQ(sink.bytes, read_file(dir.file("x.safetensors")));
+}
+
+TEST(TensorWriterInOrder, RefusesATensorThatDiffersFromItsRowBeforeWritingIt) {
+  StringSink sink;
+  TensorWriter writer(sink, {{"a", "F32", {4}}, {"b", "F32", {2}}}, std::nullopt);
+  writer.write("a", at::zeros({4}));
+  const std::size_t before = sink.bytes.size();
+  const std::string message = value_error([&] { writer.write("b", at::zeros({3})); });
+  EXPECT_TRUE(contains(message, "differs from row 'b'")) << message;
+  EXPECT_EQ(sink.bytes.size(), before);
+}
+
+TEST(TensorWriterInOrder, RefusesToFinishBeforeEveryRowIsWritten) {
+  StringSink sink;
+  TensorWriter writer(sink, {{"a", "F32", {4}}, {"b", "F32", {2}}}, std::nullopt);
+  writer.write("a", at::zeros({4}));
+  const std::string message = value_error([&] { writer.finish_in_order(); });
+  EXPECT_TRUE(contains(message, "stopped after 1 tensors")) << message;
+}
+
+}  // namespace
+}  // namespace trinity_stream_saver

@@ -1,0 +1,114 @@
+"""A real S3 server on 127.0.0.1 for the object-storage tests: moto's
+ThreadedMotoServer (as s3fs and fsspec test themselves), and a small
+proxy in front of it that answers chosen requests with server errors.
+Nothing here reaches beyond loopback."""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import socket
+import threading
+from typing import Callable, Optional
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """The standard AWS environment pointing boto3 at `endpoint`, with
+    fake credentials and no config files of the machine's user."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+
+
+class FaultyProxy:
+    """Forwards HTTP requests to `upstream` (host, port), except that a
+    request for which `fail(method, path_and_query)` is true gets a 500
+    InternalError reply without being forwarded. Counts the failures."""
+
+    def __init__(self, upstream: tuple[str, int], fail: Callable[[str, str], bool]) -> None:
+        self.failures = 0
+        self.fail = fail
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    raw = b""
+                    while True:
+                        line = self.rfile.readline()
+                        raw += line
+                        size = int(line.split(b";")[0].strip(), 16)
+                        if size == 0:
+                            # Trailers, then the blank line that ends them.
+                            while True:
+                                trailer = self.rfile.readline()
+                                raw += trailer
+                                if trailer in (b"\r\n", b"\n", b""):
+                                    return raw
+                        raw += self.rfile.read(size + 2)
+                return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+            def _handle(self) -> None:
+                body = self._body()
+                if proxy.fail(self.command, self.path):
+                    proxy.failures += 1
+                    reply = (
+                        b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InternalError"
+                        b"</Code><Message>injected by the test proxy</Message></Error>"
+                    )
+                    self.send_response(500)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+                    return
+                connection = http.client.HTTPConnection(*upstream, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                    headers["Host"] = f"{upstream[0]}:{upstream[1]}"
+                    connection.request(self.command, self.path, body=body, headers=headers)
+                    response = connection.getresponse()
+                    data = response.read()
+                finally:
+                    connection.close()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "FaultyProxy":
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
