@@ -5,6 +5,7 @@ before any shard is renamed, and what the clean-up never removes."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import child_env
-from trinity_stream_saver import save_sharded_streaming
+from trinity_stream_saver import _C, save_model_streaming, save_sharded_streaming
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -179,6 +180,24 @@ def test_the_folder_lock_is_released_after_a_save_and_after_a_failed_one(tmp_pat
         save_sharded_streaming(iter([]), folder, [("t000", "F32", [64])])
     save(folder, 2, 1, SHARDED)
     assert loader_view(folder) == checkpoint_of(1, 2)
+
+
+def test_a_model_save_into_a_folder_another_save_holds_fails_with_ebusy_and_leaves_it_as_it_was(
+        tmp_path):
+    folder = tmp_path / "ckpt"
+    save(folder, 3, 0, SHARDED)
+    before, names = loader_view(folder), sorted(os.listdir(folder))
+    # What a sharded save in another process holds for its whole save.
+    held = _C.CheckpointFolderLock(os.fsencode(folder))
+    try:
+        with pytest.raises(OSError) as caught:
+            save_model_streaming({"w": torch.ones(64)}, folder, max_shard_size=300)
+        assert caught.value.errno == errno.EBUSY, caught.value
+    finally:
+        held.release()
+    assert loader_view(folder) == before
+    assert sorted(os.listdir(folder)) == names  # no temporary file left
+    save_model_streaming({"w": torch.ones(64)}, folder, max_shard_size=300)  # released after
 
 
 # --------------------------------------------------------------------------

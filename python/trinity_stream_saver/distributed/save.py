@@ -34,6 +34,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .._arguments import _normalise_metadata, _parse_size, _path
+from .._extension import _C
 from .._progress import _progress_bar
 from .._sharded import plan_shards
 from .._state_dict import check_cast_target
@@ -81,6 +82,7 @@ class _RankSave:
         self._transport_type = transport_type
         self._storage_type = storage_type
         self._storage = None
+        self._folder_lock = None
 
     def prepare(self, model, save_directory, max_shard_size, filename_pattern, metadata, dtype,
                 writer_ranks) -> _Agreement:
@@ -135,6 +137,11 @@ class _RankSave:
                     mine.bytes_mine, os.path.basename(os.path.normpath(self.directory)))
             if mine.files or coordinator:
                 os.makedirs(self.directory, exist_ok=True)
+            if coordinator:
+                # The folder is this save's until its clean-up is done: a
+                # second save into it fails here (EBUSY) instead of removing
+                # this one's files. The other ranks write into the held folder.
+                self._folder_lock = _C.CheckpointFolderLock(os.fsencode(self.directory))
             if mine.files:
                 self._storage = self._storage_type(self.plan, self.directory, mine.files,
                                                    self.extra, fsync)
@@ -153,6 +160,11 @@ class _RankSave:
     def abort(self) -> None:
         if self._storage is not None:
             self._storage.abort()
+        self.release()
+
+    def release(self) -> None:
+        if self._folder_lock is not None:
+            self._folder_lock.release()
 
     def finish(self, model, committed: list[dict[str, int]]) -> Optional[str]:
         if self._ranks.rank != self.coordinator:
@@ -176,8 +188,11 @@ def _save(model, save_directory, transport_type, storage_type, *, max_shard_size
     committed = run_phase(
         ranks, "renaming the files (files of other ranks may have replaced older ones)",
         part.commit, undo=part.abort)
-    written = run_phase(ranks, "writing the index and config",
-                        lambda: part.finish(model, committed))
+    try:
+        written = run_phase(ranks, "writing the index and config",
+                            lambda: part.finish(model, committed))
+    finally:
+        part.release()
     return written[part.coordinator]
 
 
