@@ -13,11 +13,8 @@ one save at a time, the optimizer hook, and the wait at interpreter exit.
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
-import errno
 import os
-import sys
 import threading
 from collections.abc import Mapping
 from typing import Optional, Sequence, Union
@@ -25,6 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _staging
+from ._async_running import _claim, _interrupted_at_exit, _start, _unclaim
 from ._arguments import _normalise_metadata, _path
 from ._sharded import save_sharded_streaming
 # The synchronous save's preparation and config writing, reused so that
@@ -79,39 +77,10 @@ class AsyncSave(concurrent.futures.Future):
 # The staging memory, lent to one save at a time (see StagingArena).
 _arena = _staging.StagingArena()
 
-# realpath of a folder -> the save writing it.
-_running: dict[str, AsyncSave] = {}
-_running_lock = threading.Lock()
-
-
-def _claim(directory: str, save: AsyncSave) -> str:
-    key = os.path.realpath(directory)
-    with _running_lock:
-        other = _running.get(key)
-        if other is not None:
-            raise OSError(
-                errno.EBUSY,
-                f"an asynchronous save to {directory!r} is still running; wait for its future "
-                "(future.result()) before saving to that folder again, or save to another folder",
-                directory,
-            )
-        _running[key] = save
-    return key
-
-
-def _unclaim(key: str) -> None:
-    with _running_lock:
-        _running.pop(key, None)
-
-
 def _write_files(items, directory: str, meta: list, options: dict) -> str:
     """The files of a single-process save_model_streaming, from CPU tensors
     in state dict order (a seam the tests slow down)."""
     return save_sharded_streaming(items, directory, meta, **options)
-
-
-def _interrupted_at_exit() -> KeyboardInterrupt:
-    return KeyboardInterrupt("the asynchronous save was interrupted at interpreter exit")
 
 
 def _interruptible(items, save: AsyncSave):
@@ -182,25 +151,6 @@ def _buffers_now(model, entries: Sequence[_staging.StagedEntry]) -> dict[int, to
             if not isinstance(e.tensor, torch.nn.Parameter):
                 ready[index] = _staging._whole(e.tensor).to("cpu", e.dtype, copy=True)
     return ready
-
-
-# The save threads started and not yet joined. The exit handler joins them
-# after their Futures are done: a daemon thread still unwinding its frames
-# when the interpreter finalizes is ended mid-call, which can abort the
-# process ("terminate called without an active exception").
-_threads: list[threading.Thread] = []
-
-
-def _start(target, name: str) -> None:
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    try:
-        thread.start()
-        with _running_lock:
-            _threads[:] = [t for t in _threads if t.is_alive()] + [thread]
-    except RuntimeError:
-        # At interpreter shutdown no thread may start: the save then runs
-        # here, which keeps its promise to finish before exit.
-        target()
 
 
 def save_model_streaming_async(
@@ -392,32 +342,3 @@ def _stage_through_ring(save: AsyncSave, model, entries, pinned: bool, bound: in
             _arena.release()
 
     return work
-
-
-def _finish_at_exit() -> None:
-    """Waits for the running saves before the interpreter ends; a Ctrl-C
-    meanwhile aborts them cleanly rather than killing them mid-file."""
-    with _running_lock:
-        running = list(_running.values())
-        threads = list(_threads)
-    try:
-        concurrent.futures.wait(running)
-        for thread in threads:
-            thread.join()
-    except KeyboardInterrupt:
-        for save in running:
-            save._stop(_interrupted_at_exit())
-        while True:
-            try:
-                concurrent.futures.wait(running)
-                break
-            except KeyboardInterrupt:
-                continue  # the abort itself is short: let it finish
-        for thread in threads:
-            thread.join()
-        aborted = sum(1 for save in running if save.exception() is not None)
-        print(f"trinity_stream_saver: {aborted} asynchronous save(s) aborted at exit; "
-              "nothing of them was published.", file=sys.stderr)
-
-
-atexit.register(_finish_at_exit)

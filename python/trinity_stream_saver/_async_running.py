@@ -1,0 +1,90 @@
+"""The asynchronous saves running in this process: one per folder, their
+threads, and the exit handler that lets them finish (or aborts them
+cleanly on Ctrl-C) before the interpreter ends. Knows nothing of staging
+or writing."""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import errno
+import os
+import sys
+import threading
+
+
+# realpath of a folder -> the save writing it.
+_running: dict[str, concurrent.futures.Future] = {}
+_running_lock = threading.Lock()
+
+
+def _claim(directory: str, save: concurrent.futures.Future) -> str:
+    key = os.path.realpath(directory)
+    with _running_lock:
+        other = _running.get(key)
+        if other is not None:
+            raise OSError(
+                errno.EBUSY,
+                f"an asynchronous save to {directory!r} is still running; wait for its future "
+                "(future.result()) before saving to that folder again, or save to another folder",
+                directory,
+            )
+        _running[key] = save
+    return key
+
+
+def _unclaim(key: str) -> None:
+    with _running_lock:
+        _running.pop(key, None)
+
+
+def _interrupted_at_exit() -> KeyboardInterrupt:
+    return KeyboardInterrupt("the asynchronous save was interrupted at interpreter exit")
+
+
+# The save threads started and not yet joined. The exit handler joins them
+# after their Futures are done: a daemon thread still unwinding its frames
+# when the interpreter finalizes is ended mid-call, which can abort the
+# process ("terminate called without an active exception").
+_threads: list[threading.Thread] = []
+
+
+def _start(target, name: str) -> None:
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    try:
+        thread.start()
+        with _running_lock:
+            _threads[:] = [t for t in _threads if t.is_alive()] + [thread]
+    except RuntimeError:
+        # At interpreter shutdown no thread may start: the save then runs
+        # here, which keeps its promise to finish before exit.
+        target()
+
+
+def _finish_at_exit() -> None:
+    """Waits for the running saves before the interpreter ends; a Ctrl-C
+    meanwhile aborts them cleanly rather than killing them mid-file."""
+    with _running_lock:
+        running = list(_running.values())
+        threads = list(_threads)
+    try:
+        concurrent.futures.wait(running)
+        for thread in threads:
+            thread.join()
+    except KeyboardInterrupt:
+        for save in running:
+            save._stop(_interrupted_at_exit())
+        while True:
+            try:
+                concurrent.futures.wait(running)
+                break
+            except KeyboardInterrupt:
+                continue  # the abort itself is short: let it finish
+        for thread in threads:
+            thread.join()
+        aborted = sum(1 for save in running if save.exception() is not None)
+        print(f"trinity_stream_saver: {aborted} asynchronous save(s) aborted at exit; "
+              "nothing of them was published.", file=sys.stderr)
+
+
+atexit.register(_finish_at_exit)
