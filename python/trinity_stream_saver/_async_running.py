@@ -42,6 +42,21 @@ def _interrupted_at_exit() -> KeyboardInterrupt:
     return KeyboardInterrupt("the asynchronous save was interrupted at interpreter exit")
 
 
+def _interruptible(items, save, interrupted=_interrupted_at_exit):
+    """`items`, until a stop asked at exit (Ctrl-C, ``save._abort``): then
+    `interrupted()` is raised between two tensors, and the writer aborts
+    (the temporary files go, nothing is published)."""
+    iterator = iter(items)
+    while True:
+        if save._abort.is_set():
+            raise interrupted()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        yield item
+
+
 # The save threads started and not yet joined. The exit handler joins them
 # after their Futures are done: a daemon thread still unwinding its frames
 # when the interpreter finalizes is ended mid-call, which can abort the

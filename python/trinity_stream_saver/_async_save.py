@@ -22,7 +22,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _staging
-from ._async_running import _claim, _interrupted_at_exit, _start, _unclaim
+from . import _async_distributed
+from ._async_running import _claim, _interrupted_at_exit, _interruptible, _start, _unclaim
 from ._arguments import _normalise_metadata, _path
 from ._sharded import save_sharded_streaming
 # The synchronous save's preparation and config writing, reused so that
@@ -30,7 +31,7 @@ from ._sharded import save_sharded_streaming
 from ._state_dict import check_cast_target, saved_dtype
 from .distributed import entries as state_dict
 from .distributed.assignment import writer_ranks as checked_writer_ranks
-from .distributed.hf_config import save_config
+from .distributed.hf_config import config_files
 from .distributed.phases import Ranks
 
 
@@ -81,20 +82,6 @@ def _write_files(items, directory: str, meta: list, options: dict) -> str:
     """The files of a single-process save_model_streaming, from CPU tensors
     in state dict order (a seam the tests slow down)."""
     return save_sharded_streaming(items, directory, meta, **options)
-
-
-def _interruptible(items, save: AsyncSave):
-    # Between tensors, the writer notices a stop asked at exit (Ctrl-C) and
-    # aborts: the temporary files go, nothing is published.
-    iterator = iter(items)
-    while True:
-        if save._abort.is_set():
-            raise _interrupted_at_exit()
-        try:
-            item = next(iterator)
-        except StopIteration:
-            return
-        yield item
 
 
 def _check_max_staging_bytes(value: object) -> Optional[int]:
@@ -219,22 +206,35 @@ def save_model_streaming_async(
     """
     directory = _path("save_directory", save_directory)
     save = AsyncSave(directory)
-    key = _claim(directory, save)
-    try:
-        ranks = Ranks(process_group)
-        if ranks.size > 1:
-            raise NotImplementedError(
-                f"save_model_streaming_async does not yet save across {ranks.size} ranks; use "
-                "save_model_streaming, or a process group of one."
-            )
+
+    def check_options() -> Optional[int]:
         bound = _check_max_staging_bytes(max_staging_bytes)
         _check_optimizer(optimizer)
+        _normalise_metadata(metadata)
+        return bound
+
+    try:
+        ranks = Ranks(process_group)
+    except Exception as error:
+        save._snapshot.set()
+        save.set_exception(error)
+        return save
+    if ranks.size > 1:
+        _async_distributed.start(
+            save, ranks, model, directory, arena=_arena, max_staging_bytes=max_staging_bytes,
+            check_options=check_options, dtype=dtype, metadata=metadata,
+            writer_ranks=writer_ranks, max_shard_size=max_shard_size,
+            filename_pattern=filename_pattern, fsync=fsync, progress=progress)
+        return save
+    key = _claim(directory, save)
+    try:
+        bound = check_options()
         # The synchronous save's argument checks, made at the call.
         if dtype is not None:
             check_cast_target(dtype)
-        _normalise_metadata(metadata)
         checked_writer_ranks(writer_ranks, ranks.size)
         entries = _staged_entries(model, dtype)
+        config = config_files(model, dtype)  # as it is now: training may change the model
         meta = [(e.name, e.dtype, list(e.tensor.shape)) for e in entries]
         options = dict(max_shard_size=max_shard_size, filename_pattern=filename_pattern,
                        metadata=metadata, fsync=fsync, progress=progress)
@@ -242,7 +242,8 @@ def save_model_streaming_async(
 
         def write(items) -> str:
             written = _write_files(_interruptible(items, save), directory, meta, options)
-            save_config(model, directory, dtype)
+            if config is not None:
+                config.save(directory)
             return written
 
         if bound is None:

@@ -9,21 +9,44 @@ from typing import Optional
 import torch
 
 
-def save_config(model: object, directory: str, dtype: Optional[torch.dtype]) -> None:
-    """config.json (and generation_config.json) of a transformers model,
-    with the class as its architecture and the dtype saved; nothing for
+class ConfigFiles:
+    """A transformers model's config (and generation config) as they were
+    when taken, with the class as its architecture and the dtype saved:
+    an asynchronous save writes them after the weights, while training may
+    change the model."""
+
+    def __init__(self, config, generation_config):
+        self._config = config
+        self._generation_config = generation_config
+
+    def save(self, directory: str) -> None:
+        self._config.save_pretrained(directory)
+        if self._generation_config is not None:
+            self._generation_config.save_pretrained(directory)
+
+
+def config_files(model: object, dtype: Optional[torch.dtype]) -> Optional[ConfigFiles]:
+    """The config files of a transformers model as it is now; None for
     anything else."""
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or not hasattr(config, "save_pretrained"):
-        return
+        return None
     config = copy.deepcopy(config)
     # FSDP2's fully_shard makes the class "FSDPLlamaForCausalLM".
     config.architectures = [type(model).__name__.removeprefix("FSDP")]
     saved = dtype or next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), None)
     if saved is not None:
         config.dtype = str(saved).removeprefix("torch.")
-    config.save_pretrained(directory)
     can_generate = getattr(model, "can_generate", None)
     generation_config = getattr(model, "generation_config", None)
-    if callable(can_generate) and can_generate() and generation_config is not None:
-        generation_config.save_pretrained(directory)
+    if not (callable(can_generate) and can_generate()):
+        generation_config = None
+    return ConfigFiles(config, copy.deepcopy(generation_config))
+
+
+def save_config(model: object, directory: str, dtype: Optional[torch.dtype]) -> None:
+    """config.json (and generation_config.json) of a transformers model;
+    nothing for anything else."""
+    files = config_files(model, dtype)
+    if files is not None:
+        files.save(directory)

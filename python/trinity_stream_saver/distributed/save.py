@@ -40,7 +40,7 @@ from .._sharded import plan_shards
 from .._state_dict import check_cast_target
 from . import entries as state_dict
 from .assignment import Assignment, writer_ranks as checked_writer_ranks
-from .hf_config import save_config
+from .hf_config import config_files
 from .phases import Ranks, run_phase
 from .storage import ShardFiles
 
@@ -85,13 +85,14 @@ class _RankSave:
         self._folder_lock = None
 
     def prepare(self, model, save_directory, max_shard_size, filename_pattern, metadata, dtype,
-                writer_ranks) -> _Agreement:
+                writer_ranks, config) -> _Agreement:
         from .transport import layouts
 
         self.directory = _path("save_directory", save_directory)
         if dtype is not None:
             check_cast_target(dtype)
         self.dtype = dtype
+        self.config = config_files(model, dtype) if config is _FROM_MODEL else config
         self.extra = _normalise_metadata(metadata)
         writers = checked_writer_ranks(writer_ranks, self._ranks.size)
         self.entries = state_dict.entries(model)
@@ -166,23 +167,31 @@ class _RankSave:
         if self._folder_lock is not None:
             self._folder_lock.release()
 
-    def finish(self, model, committed: list[dict[str, int]]) -> Optional[str]:
+    def finish(self, committed: list[dict[str, int]]) -> Optional[str]:
         if self._ranks.rank != self.coordinator:
             return None
         written = self._storage.finish(dict(enumerate(committed)))
-        save_config(model, self.directory, self.dtype)
+        if self.config is not None:
+            self.config.save(self.directory)
         return written
+
+
+# The config files written are the model's own, taken when the save starts.
+_FROM_MODEL = object()
 
 
 def _save(model, save_directory, transport_type, storage_type, *, max_shard_size,
           filename_pattern, metadata, dtype, fsync, process_group, writer_ranks,
-          progress) -> str:
+          progress, config=_FROM_MODEL) -> str:
     """save_model_streaming with the transport and the storage given (the
-    classes; the tests give failing and recording ones)."""
+    classes; the tests give failing and recording ones). `config`: the
+    config files to write (hf_config.ConfigFiles, or None for none) when
+    they are not `model`'s own (an asynchronous save of staged tensors)."""
     ranks = Ranks(process_group)
     part = _RankSave(ranks, transport_type, storage_type)
     prepared = run_phase(ranks, "preparing", lambda: part.prepare(
-        model, save_directory, max_shard_size, filename_pattern, metadata, dtype, writer_ranks))
+        model, save_directory, max_shard_size, filename_pattern, metadata, dtype, writer_ranks,
+        config))
     run_phase(ranks, "comparing what the ranks save", lambda: part.agree(prepared))
     run_phase(ranks, "writing", lambda: part.write(progress, fsync), undo=part.abort)
     committed = run_phase(
@@ -190,7 +199,7 @@ def _save(model, save_directory, transport_type, storage_type, *, max_shard_size
         part.commit, undo=part.abort)
     try:
         written = run_phase(ranks, "writing the index and config",
-                            lambda: part.finish(model, committed))
+                            lambda: part.finish(committed))
     finally:
         part.release()
     return written[part.coordinator]

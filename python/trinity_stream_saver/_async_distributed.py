@@ -1,0 +1,250 @@
+"""save_model_streaming_async across torch.distributed ranks.
+
+At the call, on every rank (a collective, in the caller's program order):
+
+1. prepare: claim the folder, check the arguments, take the staging memory
+   (waiting for the save before to finish writing from it) and copy this
+   rank's share into it: its piece of every sharded tensor, and the whole
+   tensors (not DTensors, or replicated) that this rank writes. Then the
+   ranks compare outcomes over a gloo group of their own, so that a failure
+   on any rank fails every rank's Future at once instead of leaving the
+   others waiting in the background.
+2. The background thread runs the synchronous distributed save
+   (distributed.save._save) on the staged copies, over a second gloo group
+   used by these saves alone: its exchanges and sends never interleave
+   with the training's collectives, which go on meanwhile. Its failure
+   handling is the synchronous save's: any rank fails, every rank's Future
+   raises the same DistributedSaveError, and no index is written.
+
+Both groups are made once for a set of ranks and reused, as
+torch.distributed.checkpoint's async_save makes its gloo group once. The
+staged pieces become DTensors again on a CPU mesh over the background
+group, so that the synchronous save sends them point to point from the
+staging memory; a whole tensor another rank writes is not staged here at
+all (a meta tensor stands in for it).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import _staging
+from ._async_running import _claim, _interruptible, _start, _unclaim
+from ._sharded import plan_shards
+from ._state_dict import check_cast_target, is_dtensor, saved_dtype
+from .distributed import entries as state_dict
+from .distributed.assignment import Assignment, writer_ranks as checked_writer_ranks
+from .distributed.hf_config import config_files
+from .distributed.phases import Ranks, run_phase
+from .distributed.storage import ShardFiles
+
+
+class _Groups(NamedTuple):
+    call: object  # the exchange at the call, on the callers' threads
+    save: object  # the background saves, one at a time
+    mesh: object  # a CPU DeviceMesh over `save`: the staged pieces' mesh
+
+
+_groups: dict[tuple[int, ...], _Groups] = {}
+_groups_lock = threading.Lock()
+
+
+def _groups_for(ranks: Ranks) -> _Groups:
+    """The gloo groups of the save's ranks, made on the first save (every
+    rank of the group makes them at its first call, a collective) and kept."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    members = tuple(dist.get_process_group_ranks(ranks.resolved_group))
+    with _groups_lock:
+        found = _groups.get(members)
+        if found is None:
+            # Group rank order as the save's group, so that writer_ranks
+            # and the ranks named in errors mean the same ranks.
+            made = [dist.new_group(list(members), backend="gloo", use_local_synchronization=True,
+                                   sort_ranks=False) for _ in range(2)]
+            found = _groups[members] = _Groups(made[0], made[1],
+                                               DeviceMesh.from_group(made[1], "cpu"))
+        return found
+
+
+class _Staged(NamedTuple):
+    """How one entry reaches the background save on this rank."""
+
+    kind: str  # "piece": this rank's piece, sent; "whole": staged whole; "elsewhere": not here
+    entry: Optional[_staging.StagedEntry]
+
+
+def _kind(name: str, tensor: torch.Tensor, members: list[int]) -> str:
+    """"piece" for a DTensor split along one dimension of a one-dimensional
+    mesh over the save's ranks (FSDP2's fully_shard, tensor parallel
+    Shard(dim)), "whole" for a tensor every rank holds whole (not a DTensor,
+    or Replicate). Any other layout is an error at the call."""
+    if not is_dtensor(tensor):
+        return "whole"
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = tensor.device_mesh
+    if (mesh.ndim == 1 and len(tensor.placements) == 1
+            and dist.get_process_group_ranks(mesh.get_group()) == members):
+        placement = tensor.placements[0]
+        # Exactly Shard: _StridedShard (FSDP2 over tensor parallel) is a
+        # subclass whose pieces are interleaved.
+        if type(placement) is Shard and tensor.dim() > 0:
+            return "piece"
+        if type(placement) is Replicate:
+            return "whole"
+    raise NotImplementedError(
+        f"tensor {name!r} is a DTensor placed {tuple(tensor.placements)} on a mesh of shape "
+        f"{tuple(mesh.shape)}: the asynchronous save stages tensors split along one dimension "
+        "of a one-dimensional mesh over the save's process group (fully_shard, Shard(dim)) "
+        "and replicated ones; save this model with save_model_streaming."
+    )
+
+
+def _share(named, ranks: Ranks, dtype, writer_ranks, max_shard_size, filename_pattern
+           ) -> list[_Staged]:
+    """What this rank stages of each entry, in state dict order."""
+    import torch.distributed as dist
+
+    members = dist.get_process_group_ranks(ranks.resolved_group)
+    rows = state_dict.meta(named, dtype)
+    writers = checked_writer_ranks(writer_ranks, ranks.size)
+    plan = plan_shards(rows, max_shard_size, filename_pattern)
+    writer_of = Assignment(plan, writers, ranks.rank, state_dict.nbytes(named, dtype)).writer_of
+    share = []
+    for name, tensor in named:
+        kind = _kind(name, tensor, members)
+        saved = saved_dtype(tensor.dtype, dtype)
+        if kind == "piece":
+            share.append(_Staged(kind, _staging.entry(name, tensor._local_tensor, saved)))
+        elif writer_of.get(name) == ranks.rank:
+            local = tensor.to_local() if is_dtensor(tensor) else tensor
+            share.append(_Staged("whole", _staging.entry(name, local, saved)))
+        else:
+            share.append(_Staged("elsewhere", None))
+    return share
+
+
+def _staged_state_dict(named, share: list[_Staged], copies: dict, mesh) -> dict:
+    """The state dict the background save writes: the staged copies, as
+    DTensors on `mesh` where they are pieces."""
+    from torch.distributed.tensor import DTensor
+
+    staged = {}
+    for (name, tensor), (kind, _) in zip(named, share):
+        if kind == "piece":
+            shape = tensor.shape
+            staged[name] = DTensor.from_local(
+                copies[name], mesh, tensor.placements, run_check=False, shape=shape,
+                stride=torch.empty(shape, device="meta").stride())
+        elif kind == "whole":
+            staged[name] = copies[name]
+        else:
+            # Written by another rank: only its name, dtype and shape count here.
+            staged[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    return staged
+
+
+def _interrupted_on_this_rank() -> RuntimeError:
+    # An Exception, not a KeyboardInterrupt: the phases report it to every
+    # rank, so that all of them abort.
+    return RuntimeError("the asynchronous save was interrupted at interpreter exit (Ctrl-C)")
+
+
+class _InterruptibleShardFiles(ShardFiles):
+    """The synchronous save's files, written from items that stop when the
+    save is stopped at exit."""
+
+    save = None  # set by _storage_for
+
+    def write(self, items) -> None:
+        super().write(_feed_writer(_interruptible(items, self.save, _interrupted_on_this_rank)))
+
+
+def _feed_writer(items):
+    """The items a rank's writer pulls (a seam the tests slow down)."""
+    return items
+
+
+def _storage_for(save) -> type:
+    return type("AsyncShardFiles", (_InterruptibleShardFiles,), {"save": save})
+
+
+def start(save, ranks: Ranks, model, directory: str, *, arena: _staging.StagingArena,
+          max_staging_bytes, check_options, dtype, metadata, writer_ranks, max_shard_size,
+          filename_pattern, fsync, progress) -> None:
+    """Stages this rank's share and starts the background save; its outcome
+    reaches `save` (the Future). A failure at the call, on any rank, fails
+    every rank's Future with DistributedSaveError."""
+    from .distributed.save import _save
+    from .distributed.transport import PointToPoint
+
+    groups = _groups_for(ranks)
+    # What the call took (to give back on failure) and made (kept here:
+    # the exchange carries only each rank's outcome).
+    held = {"claim": None, "arena": False}
+
+    def prepare():
+        held["claim"] = _claim(directory, save)
+        if max_staging_bytes is not None:
+            raise NotImplementedError(
+                "max_staging_bytes (bounded staging) is not yet supported across ranks; pass "
+                "max_staging_bytes=None (full staging) for a distributed save."
+            )
+        check_options()
+        if dtype is not None:
+            check_cast_target(dtype)
+        named = state_dict.entries(model)
+        share = _share(named, ranks, dtype, writer_ranks, max_shard_size, filename_pattern)
+        config = config_files(model, dtype)
+        entries = [staged.entry for staged in share if staged.entry is not None]
+        buffer = arena.acquire(_staging.full_staging_bytes(entries),
+                               _staging.needs_pinned_memory(entries))
+        held["arena"] = True
+        copies, held["copied"] = _staging.stage_all(entries, buffer)
+        held["staged"] = _staged_state_dict(named, share, dict(copies), groups.mesh)
+        held["config"] = config
+
+    def undo():
+        if held["arena"]:
+            arena.release()
+        if held["claim"] is not None:
+            _unclaim(held["claim"])
+
+    try:
+        run_phase(Ranks(groups.call), "staging for the asynchronous save", prepare, undo=undo)
+    except Exception as error:
+        save._snapshot.set()
+        save.set_exception(error)
+        return
+    except BaseException:
+        undo()
+        save._snapshot.set()
+        raise
+    save._snapshot.set()
+    copied = held["copied"]
+    write = functools.partial(
+        _save, held.pop("staged"), directory, PointToPoint, _storage_for(save),
+        max_shard_size=max_shard_size, filename_pattern=filename_pattern, metadata=metadata,
+        dtype=dtype, fsync=fsync, process_group=groups.save, writer_ranks=writer_ranks,
+        progress=progress, config=held["config"])
+
+    def run() -> None:
+        try:
+            if copied is not None:
+                copied.synchronize()
+            result = write()
+        except BaseException as error:  # delivered through the Future
+            undo()
+            save.set_exception(error)
+        else:
+            undo()
+            save.set_result(result)
+
+    _start(run, f"trinity_stream_saver-async-save:rank{ranks.rank}")
