@@ -434,8 +434,37 @@ def fixed_mmap_threshold() -> None:
     ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
-def run_rank(rank: int, world: int, root: str) -> None:
-    """The body of one spawned rank: every scenario of `world`, in order."""
+def spawn_world(target, world: int, root, deadline_s: float) -> list[dict]:
+    """Spawns `world` processes running target(rank, world, root); returns
+    the record each wrote to rank<N>.json in `root`. Fails if a rank is not
+    done within `deadline_s` (longer than a gloo timeout: a hang) or dies."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=target, args=(rank, world, str(root)))
+                 for rank in range(world)]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + deadline_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
+    for rank in hung:
+        processes[rank].kill()
+        processes[rank].join()
+    assert not hung, f"ranks {hung} did not finish within {deadline_s} s"
+    records = []
+    for rank, process in enumerate(processes):
+        assert process.exitcode == 0, f"rank {rank} exited with {process.exitcode}"
+        with open(os.path.join(root, f"rank{rank}.json")) as file:
+            records.append(json.load(file))
+    return records
+
+
+def run_scenarios(rank: int, world: int, root: str, scenarios) -> None:
+    """The body of one spawned rank: `scenarios` in order, in one gloo
+    group, each one's record (or the traceback of its crash) written to
+    rank<N>.json; then the teardown of the module's docstring."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -445,7 +474,7 @@ def run_rank(rank: int, world: int, root: str) -> None:
                             world_size=world, timeout=TIMEOUT)
     mesh = init_device_mesh("cpu", (world,))
     results = {}
-    for scenario in SCENARIOS[world]:
+    for scenario in scenarios:
         try:
             results[scenario.__name__] = scenario(rank, world, mesh, root)
         except Exception:
@@ -455,6 +484,11 @@ def run_rank(rank: int, world: int, root: str) -> None:
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
+
+
+def run_rank(rank: int, world: int, root: str) -> None:
+    """The body of one spawned rank: every scenario of `world`, in order."""
+    run_scenarios(rank, world, root, SCENARIOS[world])
 
 
 # --------------------------------------------------------------------------

@@ -12,9 +12,7 @@ tests run here, in the test process.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import time
 
 import huggingface_hub
 import pytest
@@ -38,25 +36,7 @@ TOKENS = torch.arange(24).view(2, 12) % 256
 def run_world(world: int, root) -> list[dict]:
     """Spawns `world` ranks running every scenario of that world size;
     returns each rank's records. Fails if a rank hangs or dies."""
-    context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=workers.run_rank, args=(rank, world, str(root)))
-                 for rank in range(world)]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + WORLD_DEADLINE_S
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
-    for rank in hung:
-        processes[rank].kill()
-        processes[rank].join()
-    assert not hung, f"ranks {hung} did not finish within {WORLD_DEADLINE_S} s"
-    records = []
-    for rank, process in enumerate(processes):
-        assert process.exitcode == 0, f"rank {rank} exited with {process.exitcode}"
-        with open(os.path.join(root, f"rank{rank}.json")) as file:
-            records.append(json.load(file))
-    return records
+    return workers.spawn_world(workers.run_rank, world, root, WORLD_DEADLINE_S)
 
 
 @pytest.fixture(scope="module")

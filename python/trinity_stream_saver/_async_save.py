@@ -194,12 +194,23 @@ def save_model_streaming_async(
     Ctrl-C while it waits for them aborts them (nothing published, no
     temporary file left).
 
-    Every other argument is ``save_model_streaming``'s. Only a single
-    process (no torch.distributed, or a process group of one) is supported
-    so far. ``EBUSY`` and a ``save_directory`` that is no path
+    Every other argument is ``save_model_streaming``'s. In a single
+    process, ``EBUSY`` and a ``save_directory`` that is no path
     (``TypeError``, ``ValueError``) are raised at once; every other error
     comes through the Future, and a failed save leaves the folder as
     ``save_model_streaming`` leaves it.
+
+    Across torch.distributed ranks it is a collective, like the
+    synchronous save: every rank of `process_group` calls it with the same
+    arguments, and each stages its own share (its piece of each tensor
+    split by FSDP2's ``fully_shard`` or ``Shard(dim)`` on a one-dimensional
+    mesh, and the whole tensors it writes). Any error on any rank, at the
+    call (a busy folder included) or in the background, fails every rank's
+    Future with the same ``DistributedSaveError``, and no index is written.
+    The background work uses two gloo groups of its own, made at the first
+    call and reused, so that it never interleaves with the training's
+    collectives. Bounded staging across ranks is not supported yet
+    (``max_staging_bytes`` must be None there).
 
     config.json (transformers models) is written from the model's config
     after the shards and index, as by ``save_model_streaming``.
