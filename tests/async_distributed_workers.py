@@ -35,10 +35,10 @@ def outcome(future, timeout: float = 60) -> dict:
                                        getattr(error, "failures", {}).items()}}}
 
 
-def train_steps(model, steps: int = 3) -> None:
+def train_steps(model, steps: int = 3, optimizer=None) -> None:
     """Optimizer steps on the FSDP2 model: collectives of the training's
     own group, and in-place changes of every parameter."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(steps):
         optimizer.zero_grad()
         model(input_ids=TOKENS).logits.float().square().mean().backward()
@@ -87,24 +87,63 @@ def async_save(model, folder: str, **kwargs):
 # --------------------------------------------------------------------------
 
 
-def snapshot_while_training(rank, world, mesh, root):
+RING = 64 << 10  # bounded staging: a ring smaller than the largest tensor
+
+
+def _snapshot_while_training(rank, world, mesh, root, name, **mode):
     """The save runs (held) while the ranks take three optimizer steps;
     `expected` is the synchronous save of the state at the call, `after`
-    the state the training reached."""
+    the state the training reached. With bounded staging the optimizer's
+    step waits for the snapshot (optimizer=), which the held writer delays:
+    a hook after it records whether the snapshot was taken by then."""
     model = workers.fsdp_llama(mesh)
-    sync_save(model, os.path.join(root, "snapshot", "expected"))
+    sync_save(model, os.path.join(root, name, "expected"))
+    gate = threading.Event()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen_at_step = []
+
+    def run():
+        future = async_save(model, os.path.join(root, name, "async"), optimizer=optimizer,
+                            **mode)
+        returned_before_write = not future.done()
+        optimizer.register_step_pre_hook(
+            lambda *_: seen_at_step.append(future.snapshot_taken()))
+        if mode:
+            # Bounded: the first step waits for the snapshot, which needs the
+            # writer to move: it is released from another thread.
+            threading.Timer(1.0, gate.set).start()
+        train_steps(model, optimizer=optimizer)
+        gate.set()
+        return dict(outcome(future), returned_before_write=returned_before_write,
+                    snapshot_taken_at_steps=seen_at_step)
+
+    record = with_writer(held_writer(gate), run)
+    sync_save(model, os.path.join(root, name, "after"))
+    return record
+
+
+def snapshot_while_training(rank, world, mesh, root):
+    return _snapshot_while_training(rank, world, mesh, root, "snapshot")
+
+
+def bounded_snapshot_while_training(rank, world, mesh, root):
+    return _snapshot_while_training(rank, world, mesh, root, "bounded_snapshot",
+                                    max_staging_bytes=RING)
+
+
+def bounded_step_too_early(rank, world, mesh, root):
+    """Bounded staging without optimizer=: a step taken before the snapshot
+    changes a parameter that is not yet copied."""
+    model = workers.fsdp_llama(mesh)
     gate = threading.Event()
 
     def run():
-        future = async_save(model, os.path.join(root, "snapshot", "async"))
-        returned_before_write = not future.done()
-        train_steps(model)
+        future = async_save(model, os.path.join(root, "too_early"), max_staging_bytes=RING)
+        train_steps(model, 1)
         gate.set()
-        return dict(outcome(future), returned_before_write=returned_before_write)
+        return outcome(future)
 
-    record = with_writer(held_writer(gate), run)
-    sync_save(model, os.path.join(root, "snapshot", "after"))
-    return record
+    return with_writer(held_writer(gate), run)
 
 
 def tensor_parallel_and_replicated(rank, world, mesh, root):
@@ -141,7 +180,7 @@ def call_error_on_one_rank(rank, world, mesh, root):
     return dict(outcome(future, timeout=0), done_at_return=future.done())
 
 
-def abort_on_one_rank(rank, world, mesh, root):
+def _abort_on_one_rank(rank, world, mesh, root, name, **mode):
     """The save is stopped on rank 1 (as the exit handler stops it on
     Ctrl-C) while its writer is held: every rank fails, nothing is
     published."""
@@ -149,13 +188,21 @@ def abort_on_one_rank(rank, world, mesh, root):
     gate = threading.Event()
 
     def run():
-        future = async_save(model, os.path.join(root, "abort"))
+        future = async_save(model, os.path.join(root, name), **mode)
         if rank == 1:
             future._stop(KeyboardInterrupt())
         gate.set()
         return outcome(future)
 
     return with_writer(held_writer(gate), run)
+
+
+def abort_on_one_rank(rank, world, mesh, root):
+    return _abort_on_one_rank(rank, world, mesh, root, "abort")
+
+
+def bounded_abort_on_one_rank(rank, world, mesh, root):
+    return _abort_on_one_rank(rank, world, mesh, root, "bounded_abort", max_staging_bytes=RING)
 
 
 def busy_folder_and_queue(rank, world, mesh, root):
@@ -182,9 +229,10 @@ def busy_folder_and_queue(rank, world, mesh, root):
 
 
 SCENARIOS = {
-    2: [snapshot_while_training, tensor_parallel_and_replicated, failure_on_one_rank,
-        call_error_on_one_rank, abort_on_one_rank, busy_folder_and_queue],
-    3: [snapshot_while_training],
+    2: [snapshot_while_training, bounded_snapshot_while_training, tensor_parallel_and_replicated,
+        failure_on_one_rank, call_error_on_one_rank, abort_on_one_rank,
+        bounded_abort_on_one_rank, bounded_step_too_early, busy_folder_and_queue],
+    3: [snapshot_while_training, bounded_snapshot_while_training],
 }
 
 

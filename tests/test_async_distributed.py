@@ -46,13 +46,17 @@ def assert_succeeded(record: dict, rank: int) -> None:
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_the_checkpoint_is_the_model_at_the_call_while_the_ranks_train(world_size, request):
+@pytest.mark.parametrize("mode", ["snapshot", "bounded_snapshot"])
+def test_the_checkpoint_is_the_model_at_the_call_while_the_ranks_train(world_size, mode, request):
     world = request.getfixturevalue(f"world{world_size}")
-    root = world[0] / "snapshot"
-    for rank, record in enumerate(records(world, "snapshot_while_training")):
+    root = world[0] / mode
+    for rank, record in enumerate(records(world, f"{mode}_while_training")):
         assert_succeeded(record, rank)
         assert record["returned"] == str(root / "async" / "model.safetensors.index.json")
         assert record["returned_before_write"], f"rank {rank}: the call waited for the write"
+        # optimizer=: no step ran before the snapshot (the held writer
+        # delays it until a second after the call with bounded staging).
+        assert record["snapshot_taken_at_steps"] == [True] * 3, record
     expected = folder_bytes(root / "expected")
     assert folder_bytes(root / "async") == expected
     # The three steps changed the weights: the test would see a save that
@@ -85,11 +89,20 @@ def test_an_error_at_the_call_on_one_rank_fails_every_future_at_once(world2):
     assert not (world2[0] / "call_error").exists()
 
 
-def test_a_save_stopped_on_one_rank_publishes_nothing(world2):
-    for rank, record in enumerate(records(world2, "abort_on_one_rank")):
+@pytest.mark.parametrize("name", ["abort", "bounded_abort"])
+def test_a_save_stopped_on_one_rank_publishes_nothing(world2, name):
+    for rank, record in enumerate(records(world2, f"{name}_on_one_rank")):
         assert record["error"]["type"] == "DistributedSaveError", record
         assert "interrupted" in record["error"]["failures"]["1"], record
-    folder = world2[0] / "abort"
+    folder = world2[0] / name
+    assert not folder.exists() or os.listdir(folder) == []
+
+
+def test_bounded_staging_fails_every_rank_when_a_step_runs_before_the_snapshot(world2):
+    for rank, record in enumerate(records(world2, "bounded_step_too_early")):
+        assert record["error"]["type"] == "DistributedSaveError", record
+        assert "modified in place" in record["error"]["message"], record
+    folder = world2[0] / "too_early"
     assert not folder.exists() or os.listdir(folder) == []
 
 

@@ -77,6 +77,7 @@ class _Staged(NamedTuple):
 
     kind: str  # "piece": this rank's piece, sent; "whole": staged whole; "elsewhere": not here
     entry: Optional[_staging.StagedEntry]
+    writer: int  # the rank that writes the entry
 
 
 def _kind(name: str, tensor: torch.Tensor, members: list[int]) -> str:
@@ -121,33 +122,39 @@ def _share(named, ranks: Ranks, dtype, writer_ranks, max_shard_size, filename_pa
     for name, tensor in named:
         kind = _kind(name, tensor, members)
         saved = saved_dtype(tensor.dtype, dtype)
+        writer = writer_of[name]
         if kind == "piece":
-            share.append(_Staged(kind, _staging.entry(name, tensor._local_tensor, saved)))
-        elif writer_of.get(name) == ranks.rank:
+            share.append(_Staged(kind, _staging.entry(name, tensor._local_tensor, saved, tensor),
+                                 writer))
+        elif writer == ranks.rank:
             local = tensor.to_local() if is_dtensor(tensor) else tensor
-            share.append(_Staged("whole", _staging.entry(name, local, saved)))
+            share.append(_Staged("whole", _staging.entry(name, local, saved, tensor), writer))
         else:
-            share.append(_Staged("elsewhere", None))
+            share.append(_Staged("elsewhere", None, writer))
     return share
 
 
-def _staged_state_dict(named, share: list[_Staged], copies: dict, mesh) -> dict:
-    """The state dict the background save writes: the staged copies, as
-    DTensors on `mesh` where they are pieces."""
+def _stand_ins(named, share: list[_Staged], mesh, copies: Optional[dict] = None) -> dict:
+    """The state dict the background save writes: each entry's staged copy
+    (`copies`, by name) or, where there is none (bounded staging, or a
+    tensor another rank writes), a meta tensor of its dtype and shape;
+    as DTensors on `mesh` where they are pieces."""
     from torch.distributed.tensor import DTensor
 
+    copies = copies or {}
     staged = {}
-    for (name, tensor), (kind, _) in zip(named, share):
-        if kind == "piece":
-            shape = tensor.shape
-            staged[name] = DTensor.from_local(
-                copies[name], mesh, tensor.placements, run_check=False, shape=shape,
-                stride=torch.empty(shape, device="meta").stride())
-        elif kind == "whole":
-            staged[name] = copies[name]
-        else:
-            # Written by another rank: only its name, dtype and shape count here.
+    for (name, tensor), (kind, entry, _) in zip(named, share):
+        if kind == "elsewhere":
             staged[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+            continue
+        local = copies.get(name)
+        if local is None:
+            local = torch.empty(entry.tensor.shape, dtype=entry.dtype, device="meta")
+        if kind == "piece":
+            local = DTensor.from_local(local, mesh, tensor.placements, run_check=False,
+                                       shape=tensor.shape,
+                                       stride=torch.empty(tensor.shape, device="meta").stride())
+        staged[name] = local
     return staged
 
 
@@ -179,12 +186,10 @@ def _storage_for(save) -> type:
 def start(save, ranks: Ranks, model, directory: str, *, arena: _staging.StagingArena,
           max_staging_bytes, check_options, dtype, metadata, writer_ranks, max_shard_size,
           filename_pattern, fsync, progress) -> None:
-    """Stages this rank's share and starts the background save; its outcome
-    reaches `save` (the Future). A failure at the call, on any rank, fails
-    every rank's Future with DistributedSaveError."""
-    from .distributed.save import _save
-    from .distributed.transport import PointToPoint
-
+    """Stages this rank's share (all of it now, or through a ring of
+    `max_staging_bytes` in the background) and starts the background save;
+    its outcome reaches `save` (the Future). A failure at the call, on any
+    rank, fails every rank's Future with DistributedSaveError."""
     groups = _groups_for(ranks)
     # What the call took (to give back on failure) and made (kept here:
     # the exchange carries only each rank's outcome).
@@ -192,24 +197,24 @@ def start(save, ranks: Ranks, model, directory: str, *, arena: _staging.StagingA
 
     def prepare():
         held["claim"] = _claim(directory, save)
-        if max_staging_bytes is not None:
-            raise NotImplementedError(
-                "max_staging_bytes (bounded staging) is not yet supported across ranks; pass "
-                "max_staging_bytes=None (full staging) for a distributed save."
-            )
-        check_options()
+        bound = check_options()
         if dtype is not None:
             check_cast_target(dtype)
         named = state_dict.entries(model)
         share = _share(named, ranks, dtype, writer_ranks, max_shard_size, filename_pattern)
-        config = config_files(model, dtype)
+        held["config"] = config_files(model, dtype)
         entries = [staged.entry for staged in share if staged.entry is not None]
-        buffer = arena.acquire(_staging.full_staging_bytes(entries),
-                               _staging.needs_pinned_memory(entries))
-        held["arena"] = True
-        copies, held["copied"] = _staging.stage_all(entries, buffer)
-        held["staged"] = _staged_state_dict(named, share, dict(copies), groups.mesh)
-        held["config"] = config
+        pinned = _staging.needs_pinned_memory(entries)
+        if bound is None:
+            buffer = arena.acquire(_staging.full_staging_bytes(entries), pinned)
+            held["arena"] = True
+            copies, copied = _staging.stage_all(entries, buffer)
+            held["model"] = _stand_ins(named, share, groups.mesh, dict(copies))
+            held["work"] = _written_from_copies(copied)
+        else:
+            held["model"] = _stand_ins(named, share, groups.mesh)
+            held["work"] = _written_through_ring(save, arena, model, share, entries, pinned,
+                                                 bound, ranks.rank)
 
     def undo():
         if held["arena"]:
@@ -227,24 +232,105 @@ def start(save, ranks: Ranks, model, directory: str, *, arena: _staging.StagingA
         undo()
         save._snapshot.set()
         raise
-    save._snapshot.set()
-    copied = held["copied"]
+    if held["arena"]:
+        save._snapshot.set()  # full staging: the copies are taken
     write = functools.partial(
-        _save, held.pop("staged"), directory, PointToPoint, _storage_for(save),
+        _write, held.pop("model"), directory, _storage_for(save),
         max_shard_size=max_shard_size, filename_pattern=filename_pattern, metadata=metadata,
         dtype=dtype, fsync=fsync, process_group=groups.save, writer_ranks=writer_ranks,
         progress=progress, config=held["config"])
+    work = held.pop("work")
 
     def run() -> None:
         try:
-            if copied is not None:
-                copied.synchronize()
-            result = write()
+            result = work(write)
         except BaseException as error:  # delivered through the Future
             undo()
+            save._snapshot.set()
             save.set_exception(error)
         else:
             undo()
             save.set_result(result)
 
     _start(run, f"trinity_stream_saver-async-save:rank{ranks.rank}")
+
+
+def _write(*args, **kwargs) -> str:
+    from .distributed.save import _save
+    from .distributed.transport import PointToPoint
+
+    model, directory, storage = args
+    return _save(model, directory, PointToPoint, storage, **kwargs)
+
+
+def _written_from_copies(copied):
+    """Full staging: the copies are taken; the snapshot is done."""
+
+    def work(write) -> str:
+        if copied is not None:
+            copied.synchronize()
+        return write()
+
+    return work
+
+
+def _written_through_ring(save, arena, model, share, entries, pinned: bool, bound: int,
+                          rank: int):
+    """Bounded staging: module buffers this rank stages are copied now (a
+    forward pass may change them); the returned work takes the ring's
+    memory, stages the rest through it while the save sends and writes."""
+    from ._async_ring_feed import Lent, PieceSender, RingFeed
+
+    staged_share = [staged for staged in share if staged.entry is not None]
+    plan = [Lent(index, staged.writer, tuple(staged.entry.tensor.shape), staged.entry.dtype)
+            for index, staged in enumerate(share) if staged.entry is not None]
+    ready = {}
+    if isinstance(model, torch.nn.Module):
+        with torch.no_grad():
+            for position, staged in enumerate(staged_share):
+                e = staged.entry
+                if staged.kind == "whole" and not isinstance(e.tensor, torch.nn.Parameter):
+                    ready[position] = e.tensor.detach().to("cpu", e.dtype, copy=True)
+    caller_event = None
+    if pinned:
+        caller_event = torch.cuda.Event()
+        caller_event.record()
+
+    def work(write) -> str:
+        capacity = _staging.ring_bytes(entries, bound)
+        try:
+            buffer = arena.acquire(capacity, pinned, save._abort)
+        except _staging.StagingCancelled:
+            buffer, capacity = torch.empty(0, dtype=torch.uint8), 0
+        try:
+            ring = _staging.StagingRing(entries, buffer, capacity, ready, caller_event)
+            save._ring = ring
+            producer = threading.Thread(target=_produce, args=(ring, save), daemon=True,
+                                        name="trinity_stream_saver-async-staging")
+            if save._abort.is_set():
+                # Stopped at exit: the save still runs, so that every rank
+                # fails it together.
+                ring.stop(_interrupted_on_this_rank())
+                save._snapshot.set()
+            else:
+                producer.start()
+            sender = PieceSender(ring, plan, rank)
+            try:
+                return write(feed_type=functools.partial(RingFeed, sender=sender))
+            finally:
+                ring.stop()
+                sender.join()
+                if producer.ident is not None:
+                    producer.join()
+        finally:
+            if capacity:
+                arena.release()
+
+    return work
+
+
+def _produce(ring, save) -> None:
+    try:
+        ring.produce()
+    finally:
+        save._snapshot.set()

@@ -209,8 +209,9 @@ def save_model_streaming_async(
     Future with the same ``DistributedSaveError``, and no index is written.
     The background work uses two gloo groups of its own, made at the first
     call and reused, so that it never interleaves with the training's
-    collectives. Bounded staging across ranks is not supported yet
-    (``max_staging_bytes`` must be None there).
+    collectives. With bounded staging each rank stages its share through
+    its own ring while the pieces travel to their writers, and the
+    snapshot is taken on each rank when its share has been copied.
 
     config.json (transformers models) is written from the model's config
     after the shards and index, as by ``save_model_streaming``.
@@ -236,6 +237,8 @@ def save_model_streaming_async(
             check_options=check_options, dtype=dtype, metadata=metadata,
             writer_ranks=writer_ranks, max_shard_size=max_shard_size,
             filename_pattern=filename_pattern, fsync=fsync, progress=progress)
+        if max_staging_bytes is not None and optimizer is not None and not save.done():
+            _wait_before_step(optimizer, save)
         return save
     key = _claim(directory, save)
     try:

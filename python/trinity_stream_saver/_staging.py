@@ -39,21 +39,34 @@ def _aligned(nbytes: int) -> int:
 class StagedEntry(NamedTuple):
     """One tensor to stage: its name, the tensor (a parameter, a buffer, a
     DTensor), the dtype it is staged in (the dtype the save writes, so that
-    a cast halves the staging memory instead of doubling it) and the
-    tensor's version counter when the save was asked for."""
+    a cast halves the staging memory instead of doubling it), the tensors
+    whose version counters tell an in-place change, and those counters
+    when the save was asked for."""
 
     name: str
     tensor: torch.Tensor
     dtype: torch.dtype
-    version: int
+    watched: tuple
+    version: tuple
 
     @property
     def nbytes(self) -> int:
         return self.dtype.itemsize * self.tensor.numel()
 
 
-def entry(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> StagedEntry:
-    return StagedEntry(name, tensor, dtype, _source(tensor)._version)
+def entry(name: str, tensor: torch.Tensor, dtype: torch.dtype,
+          owner: Optional[torch.Tensor] = None) -> StagedEntry:
+    """`tensor` staged as `dtype`. `owner`: the DTensor whose piece `tensor`
+    is. Both a DTensor and its piece are watched: an in-place op on a
+    DTensor (an optimizer step) counts on the DTensor alone, since its
+    piece is changed below the dispatcher that counts versions, and one on
+    the piece itself (``to_local().add_()``) counts on the piece alone."""
+    watched = tuple({id(t): t for t in (tensor, _source(tensor), owner) if t is not None}.values())
+    return StagedEntry(name, tensor, dtype, watched, _versions(watched))
+
+
+def _versions(watched: tuple) -> tuple:
+    return tuple(t._version for t in watched)
 
 
 def _source(tensor: torch.Tensor) -> torch.Tensor:
@@ -149,10 +162,10 @@ def _copy(view: torch.Tensor, source: torch.Tensor) -> None:
 def _check_unchanged(e: StagedEntry) -> None:
     """A tensor changed in place between the call and its copy (an
     optimizer step taken too early) would be saved half old, half new."""
-    version = _source(e.tensor)._version
+    version = _versions(e.watched)
     if version != e.version:
         raise ValueError(
-            f"tensor {e.name!r} was modified in place (version {e.version} -> {version}) "
+            f"tensor {e.name!r} was modified in place "
             "before the asynchronous save had copied it; wait for "
             "future.wait_for_snapshot() before an optimizer step or any other in-place change "
             "to the parameters, or pass optimizer= to have its step wait."

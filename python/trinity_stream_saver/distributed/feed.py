@@ -115,10 +115,10 @@ class Feed:
             if layout is Layout.GATHERED:
                 full = self._transport.gather(tensor)
             elif layout is Layout.SENT and mine:
-                full = self._transport.receive(tensor, index, self._rank, self._whole,
+                full = self._transport.receive(self._own(index), index, self._rank, self._whole,
                                                self._column_piece, self._sources)
-            elif mine:
-                full = tensor.detach()
+            elif mine and self._writing:
+                full = self._own(index).detach()
             else:
                 full = None  # sent already, or the writer has its own copy
             # Counted once received or gathered: a drain after a failure
@@ -133,6 +133,12 @@ class Feed:
                 self.progress.update(self._sizes[name])
             return self._staged(name, full)
         return None
+
+    def _own(self, index: int) -> torch.Tensor:
+        """This rank's tensor of an entry it writes (its piece of a sent
+        one), read when the entry's turn comes. A hook: the bounded
+        asynchronous save hands its staged copies over here."""
+        return self._entries[index][1]
 
     def _staged(self, name: str, full: torch.Tensor):
         """(name, the tensor as written on the CPU, the event its copy

@@ -77,10 +77,11 @@ def _check_agreement(prepared: list[_Agreement], rank: int) -> None:
 class _RankSave:
     """This rank's part of one save: what each phase does here."""
 
-    def __init__(self, ranks: Ranks, transport_type, storage_type):
+    def __init__(self, ranks: Ranks, transport_type, storage_type, feed_type=None):
         self._ranks = ranks
         self._transport_type = transport_type
         self._storage_type = storage_type
+        self._feed_type = feed_type
         self._storage = None
         self._folder_lock = None
 
@@ -124,7 +125,7 @@ class _RankSave:
         from .feed import Feed
 
         mine = self.assignment
-        feed = Feed(self.entries, self.layouts, mine.writer_of, self._ranks.rank,
+        feed = (self._feed_type or Feed)(self.entries, self.layouts, mine.writer_of, self._ranks.rank,
                     self._transport_type(self._ranks.resolved_group), self.dtype, self.sizes,
                     mine.largest_mine)
         # First, so that whatever fails after it, the other ranks get this
@@ -182,13 +183,15 @@ _FROM_MODEL = object()
 
 def _save(model, save_directory, transport_type, storage_type, *, max_shard_size,
           filename_pattern, metadata, dtype, fsync, process_group, writer_ranks,
-          progress, config=_FROM_MODEL) -> str:
+          progress, config=_FROM_MODEL, feed_type=None) -> str:
     """save_model_streaming with the transport and the storage given (the
     classes; the tests give failing and recording ones). `config`: the
     config files to write (hf_config.ConfigFiles, or None for none) when
-    they are not `model`'s own (an asynchronous save of staged tensors)."""
+    they are not `model`'s own (an asynchronous save of staged tensors).
+    `feed_type`: a feed.Feed subclass, for tensors that are not all in
+    memory when the save starts (the bounded asynchronous save)."""
     ranks = Ranks(process_group)
-    part = _RankSave(ranks, transport_type, storage_type)
+    part = _RankSave(ranks, transport_type, storage_type, feed_type)
     prepared = run_phase(ranks, "preparing", lambda: part.prepare(
         model, save_directory, max_shard_size, filename_pattern, metadata, dtype, writer_ranks,
         config))
