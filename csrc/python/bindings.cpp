@@ -25,6 +25,7 @@
 #include "format/shard_plan.h"
 #include "python/meta_from_python.h"
 #include "writer/background_writer.h"
+#include "writer/released_memory.h"
 #include "writer/tensor_writer.h"
 #include "writer/torch_dtype.h"
 
@@ -452,6 +453,10 @@ PYBIND11_MODULE(_C, m) {
         "safetensors file (header length, JSON, dtypes, offsets covering the data, size).");
   m.def("safetensors_dtype", &tss::safetensors_dtype_name, py::arg("dtype"),
         "The safetensors dtype name for a torch.dtype, or None if it cannot be saved.");
+  m.def("release_file_pages", &tss::release_file_pages, py::arg("tensor"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Drops the process's pages of tensor's storage if it lies in a mapping of a file "
+        "(a later read faults them back in); returns the bytes released, 0 for other memory.");
   m.def("supported_dtypes", &tss::supported_dtype_list,
         "The safetensors dtype names this library writes.");
   // The torch this extension was compiled against: torch's C++ ABI changes

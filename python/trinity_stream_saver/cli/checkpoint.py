@@ -3,9 +3,12 @@ safetensors file, or a folder of either (single file or sharded with an
 index), one tensor at a time.
 
 Tensors are never all in memory: torch.save files are opened with
-``torch.load(mmap=True, weights_only=True)``, so a tensor's bytes are pages
-of the file that the kernel reads on demand and may drop again, and
-safetensors files through ``safe_open``, which reads one tensor per call.
+``torch.load(mmap=True, weights_only=True)`` and safetensors files with
+``safe_open``, both of which map the file, so a tensor's bytes are pages of
+the file that the kernel reads on demand. A page once read stays in the
+process as long as the mapping, so the pages of each tensor are dropped
+(``_C.release_file_pages``) when the next one is asked for: the process
+holds about one tensor of the file, not all it has read.
 Listing a checkpoint (names, dtypes, shapes) reads only its headers or
 pickles, never its data.
 """
@@ -121,6 +124,7 @@ class Checkpoint:
                 # local of this generator holds the tensor once the saver
                 # asks for the next one.
                 yield name, contents[name]
+                _C.release_file_pages(contents[name])
             del contents
 
     def side_files(self) -> list[Path]:
@@ -358,7 +362,11 @@ def _safetensors_entries(path: Path) -> list[Entry]:
 def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     with safe_open_file(path) as file:
         for name in file.offset_keys():
-            yield name, file.get_tensor(name)
+            tensor = file.get_tensor(name)
+            yield name, tensor
+            # A view of the mapping holds no memory of its own; its pages do.
+            _C.release_file_pages(tensor)
+            del tensor
 
 
 def safe_open_file(path: Path):
