@@ -115,8 +115,11 @@ def save(record: dict, model, folder: str, transport=None, storage=None, **kwarg
     # The public function's defaults, for the arguments not given.
     call = inspect.signature(save_model_streaming).bind(model, folder, **kwargs)
     call.apply_defaults()
+    # The object-storage options are the storage class's (object_storage()).
+    accepted = inspect.signature(_save).parameters
+    options = {key: value for key, value in call.kwargs.items() if key in accepted}
     try:
-        record["returned"] = _save(*call.args, transport or PointToPoint, storage, **call.kwargs)
+        record["returned"] = _save(*call.args, transport or PointToPoint, storage, **options)
     except Exception as error:  # the test process checks what was raised
         record["error"] = {
             "type": type(error).__name__,

@@ -9,7 +9,10 @@ import http.client
 import http.server
 import socket
 import threading
-from typing import Callable, Optional
+import uuid
+from typing import Callable, NamedTuple, Optional
+
+import pytest
 
 
 def free_port() -> int:
@@ -30,6 +33,51 @@ def s3_environment(endpoint: str) -> dict[str, str]:
         "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
         "NO_PROXY": "127.0.0.1,localhost",
     }
+
+
+class Bucket(NamedTuple):
+    client: object
+    name: str
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.name}/{key}"
+
+    def objects(self) -> dict[str, bytes]:
+        listing = self.client.list_objects_v2(Bucket=self.name)
+        return {
+            entry["Key"]: self.client.get_object(Bucket=self.name, Key=entry["Key"])["Body"].read()
+            for entry in listing.get("Contents", [])
+        }
+
+    def pending_uploads(self) -> list[str]:
+        listing = self.client.list_multipart_uploads(Bucket=self.name)
+        return [upload["Key"] for upload in listing.get("Uploads", [])]
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.name, Key=key, Body=data)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """A moto S3 server on 127.0.0.1 for the test module; its URL."""
+    moto_server = pytest.importorskip("moto.server", reason="object-storage tests need moto[server]")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto_endpoint, monkeypatch) -> Bucket:
+    """A new bucket, and the standard AWS environment pointing at it."""
+    boto3 = pytest.importorskip("boto3", reason="object-storage tests need boto3")
+    for key, value in s3_environment(moto_endpoint).items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3")
+    name = f"ckpt-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    return Bucket(client, name)
 
 
 class FaultyProxy:

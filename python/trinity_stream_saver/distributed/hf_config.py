@@ -4,6 +4,8 @@ save_pretrained writes them: config.json and generation_config.json."""
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from typing import Optional
 
 import torch
@@ -27,3 +29,19 @@ def save_config(model: object, directory: str, dtype: Optional[torch.dtype]) -> 
     generation_config = getattr(model, "generation_config", None)
     if callable(can_generate) and can_generate() and generation_config is not None:
         generation_config.save_pretrained(directory)
+
+
+def config_files(model: object, dtype: Optional[torch.dtype]) -> dict[str, bytes]:
+    """The files save_config writes, by name, for a destination that is
+    not a folder (object storage). transformers writes them (its checks,
+    custom code files) into a temporary folder: a few kilobytes, never
+    the weights."""
+    with tempfile.TemporaryDirectory(prefix="trinity_stream_saver-config-") as folder:
+        save_config(model, folder, dtype)
+        files = {}
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as file:
+                    files[name] = file.read()
+        return files
