@@ -83,10 +83,13 @@ def bucket(moto_endpoint, monkeypatch) -> Bucket:
 class FaultyProxy:
     """Forwards HTTP requests to `upstream` (host, port), except that a
     request for which `fail(method, path_and_query)` is true gets a 500
-    InternalError reply without being forwarded. Counts the failures."""
+    InternalError reply without being forwarded. Counts the failures, and
+    the bytes of the response bodies it forwards (`served`)."""
 
     def __init__(self, upstream: tuple[str, int], fail: Callable[[str, str], bool]) -> None:
         self.failures = 0
+        self.served = 0
+        self._lock = threading.Lock()
         self.fail = fail
         proxy = self
 
@@ -140,10 +143,14 @@ class FaultyProxy:
                 for key, value in response.getheaders():
                     if key.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD reply has no body but the object's length.
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy._lock:
+                        proxy.served += len(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

@@ -8,7 +8,8 @@ A store hands out uploads: ``start(key)`` begins one object, whose parts
 come in order (numbered from 1); ``complete()`` makes the object appear,
 ``abort()`` discards it. Besides: ``put`` (a small object at once),
 ``sizes`` (the objects directly under a prefix, by name, with their sizes)
-and ``delete``.
+and ``delete``; for the command line's reading, ``size`` (one object's, or
+None) and ``read`` (a range of bytes).
 """
 
 from __future__ import annotations
@@ -230,6 +231,26 @@ class S3Store(Store):
                 found[entry["Key"][len(prefix):]] = entry["Size"]
         return found
 
+    def size(self, key: str) -> Optional[int]:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._client.head_object(Bucket=self._bucket, Key=key)["ContentLength"]
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def read(self, key: str, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) of the object, by one ranged GET
+        (fewer at its end)."""
+        if length <= 0:
+            return b""
+        response = self._client.get_object(
+            Bucket=self._bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
+        )
+        return response["Body"].read()
+
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):  # DeleteObjects takes 1000 keys
             response = self._client.delete_objects(
@@ -327,6 +348,13 @@ class FsspecStore(Store):
             for entry in self._fs.ls(directory, detail=True)
             if entry.get("type") != "directory"
         }
+
+    def size(self, key: str) -> Optional[int]:
+        path = self._path(key)
+        return self._fs.size(path) if self._fs.isfile(path) else None
+
+    def read(self, key: str, start: int, length: int) -> bytes:
+        return self._fs.cat_file(self._path(key), start=start, end=start + length)
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:
