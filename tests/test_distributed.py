@@ -35,11 +35,12 @@ WORLD_DEADLINE_S = 240
 TOKENS = torch.arange(24).view(2, 12) % 256
 
 
-def run_world(world: int, root) -> list[dict]:
-    """Spawns `world` ranks running every scenario of that world size;
-    returns each rank's records. Fails if a rank hangs or dies."""
+def run_world(world: int, root, target=None, *args) -> list[dict]:
+    """Spawns `world` ranks running `target(rank, world, root, *args)`
+    (every scenario of that world size by default); returns each rank's
+    records. Fails if a rank hangs or dies."""
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=workers.run_rank, args=(rank, world, str(root)))
+    processes = [context.Process(target=target or workers.run_rank, args=(rank, world, str(root), *args))
                  for rank in range(world)]
     for process in processes:
         process.start()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
-import time
 import uuid
 
 import pytest
@@ -82,14 +80,13 @@ def test_storage_options_for_a_local_model_save_is_an_error(tmp_path):
 
 # ---- on two gloo ranks ------------------------------------------------------
 
-WORLD_DEADLINE_S = 240
-
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, moto_endpoint):
     """Two ranks running object_store_workers.round_trip_then_failure
     against a new bucket; (bucket name, each rank's record)."""
     import object_store_workers as workers
+    from test_distributed import run_world
 
     root = tmp_path_factory.mktemp("s3_world2")
     environment = s3_environment(moto_endpoint)
@@ -98,25 +95,9 @@ def two_ranks(tmp_path_factory, moto_endpoint):
     try:
         name = f"ckpt-{uuid.uuid4().hex[:12]}"
         boto3.client("s3").create_bucket(Bucket=name)
-        context = multiprocessing.get_context("spawn")
-        processes = [context.Process(target=workers.run_rank, args=(rank, 2, str(root), name))
-                     for rank in range(2)]
-        for process in processes:
-            process.start()
-        deadline = time.monotonic() + WORLD_DEADLINE_S
-        for process in processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-        hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
-        for rank in hung:
-            processes[rank].kill()
-            processes[rank].join()
-        assert not hung, f"ranks {hung} did not finish within {WORLD_DEADLINE_S} s"
-        records = []
-        for rank in range(2):
-            with open(root / f"rank{rank}.json") as file:
-                record = json.load(file)
+        records = run_world(2, root, workers.run_rank, name)
+        for rank, record in enumerate(records):
             assert "crashed" not in record, f"rank {rank}:\n{record['crashed']}"
-            records.append(record)
         return name, records
     finally:
         for key, value in saved.items():
