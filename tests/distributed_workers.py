@@ -115,8 +115,11 @@ def save(record: dict, model, folder: str, transport=None, storage=None, **kwarg
     # The public function's defaults, for the arguments not given.
     call = inspect.signature(save_model_streaming).bind(model, folder, **kwargs)
     call.apply_defaults()
+    # The object-storage options are the storage class's (object_storage()).
+    accepted = inspect.signature(_save).parameters
+    options = {key: value for key, value in call.kwargs.items() if key in accepted}
     try:
-        record["returned"] = _save(*call.args, transport or PointToPoint, storage, **call.kwargs)
+        record["returned"] = _save(*call.args, transport or PointToPoint, storage, **options)
     except Exception as error:  # the test process checks what was raised
         record["error"] = {
             "type": type(error).__name__,
@@ -434,14 +437,14 @@ def fixed_mmap_threshold() -> None:
     ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
-def spawn_world(target, world: int, root, deadline_s: float) -> list[dict]:
-    """Spawns `world` processes running target(rank, world, root); returns
+def spawn_world(target, world: int, root, deadline_s: float, *args) -> list[dict]:
+    """Spawns `world` processes running target(rank, world, root, *args); returns
     the record each wrote to rank<N>.json in `root`. Fails if a rank is not
     done within `deadline_s` (longer than a gloo timeout: a hang) or dies."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=target, args=(rank, world, str(root)))
+    processes = [context.Process(target=target, args=(rank, world, str(root), *args))
                  for rank in range(world)]
     for process in processes:
         process.start()

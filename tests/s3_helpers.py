@@ -9,7 +9,10 @@ import http.client
 import http.server
 import socket
 import threading
-from typing import Callable, Optional
+import uuid
+from typing import Callable, NamedTuple, Optional
+
+import pytest
 
 
 def free_port() -> int:
@@ -32,13 +35,61 @@ def s3_environment(endpoint: str) -> dict[str, str]:
     }
 
 
+class Bucket(NamedTuple):
+    client: object
+    name: str
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.name}/{key}"
+
+    def objects(self) -> dict[str, bytes]:
+        listing = self.client.list_objects_v2(Bucket=self.name)
+        return {
+            entry["Key"]: self.client.get_object(Bucket=self.name, Key=entry["Key"])["Body"].read()
+            for entry in listing.get("Contents", [])
+        }
+
+    def pending_uploads(self) -> list[str]:
+        listing = self.client.list_multipart_uploads(Bucket=self.name)
+        return [upload["Key"] for upload in listing.get("Uploads", [])]
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.name, Key=key, Body=data)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """A moto S3 server on 127.0.0.1 for the test module; its URL."""
+    moto_server = pytest.importorskip("moto.server", reason="object-storage tests need moto[server]")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto_endpoint, monkeypatch) -> Bucket:
+    """A new bucket, and the standard AWS environment pointing at it."""
+    boto3 = pytest.importorskip("boto3", reason="object-storage tests need boto3")
+    for key, value in s3_environment(moto_endpoint).items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3")
+    name = f"ckpt-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    return Bucket(client, name)
+
+
 class FaultyProxy:
     """Forwards HTTP requests to `upstream` (host, port), except that a
     request for which `fail(method, path_and_query)` is true gets a 500
-    InternalError reply without being forwarded. Counts the failures."""
+    InternalError reply without being forwarded. Counts the failures, and
+    the bytes of the response bodies it forwards (`served`)."""
 
     def __init__(self, upstream: tuple[str, int], fail: Callable[[str, str], bool]) -> None:
         self.failures = 0
+        self.served = 0
+        self._lock = threading.Lock()
         self.fail = fail
         proxy = self
 
@@ -92,10 +143,14 @@ class FaultyProxy:
                 for key, value in response.getheaders():
                     if key.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD reply has no body but the object's length.
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy._lock:
+                        proxy.served += len(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

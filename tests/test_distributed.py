@@ -33,10 +33,11 @@ WORLD_DEADLINE_S = 240
 TOKENS = torch.arange(24).view(2, 12) % 256
 
 
-def run_world(world: int, root) -> list[dict]:
-    """Spawns `world` ranks running every scenario of that world size;
-    returns each rank's records. Fails if a rank hangs or dies."""
-    return workers.spawn_world(workers.run_rank, world, root, WORLD_DEADLINE_S)
+def run_world(world: int, root, target=None, *args) -> list[dict]:
+    """Spawns `world` ranks running `target(rank, world, root, *args)`
+    (every scenario of that world size by default); returns each rank's
+    records. Fails if a rank hangs or dies."""
+    return workers.spawn_world(target or workers.run_rank, world, root, WORLD_DEADLINE_S, *args)
 
 
 @pytest.fixture(scope="module")

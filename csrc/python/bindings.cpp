@@ -18,6 +18,7 @@
 #include <trinity_stream_saver/stream_saver.h>
 
 #include "format/dtype.h"
+#include "format/file_check.h"
 #include "format/file_plan.h"
 #include "format/header.h"
 #include "format/shard_index.h"
@@ -451,6 +452,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("check_file", &tss::check_file_without_gil, py::arg("path"),
         "Raises ValueError naming path and the problem unless it is a complete "
         "safetensors file (header length, JSON, dtypes, offsets covering the data, size).");
+  // The same checks on bytes the caller read (the command line reads an
+  // object's first 8 bytes, then its header, by HTTP range requests).
+  m.def("header_length_problem", [](py::bytes prefix, std::uint64_t file_size) {
+          return tss::check_header_length(std::string(prefix), file_size);
+        }, py::arg("prefix"), py::arg("file_size"),
+        "What is wrong with a file of file_size bytes starting with prefix (its first 8 "
+        "bytes) as far as its header length goes, or None.");
+  m.def("header_problem", [](py::bytes header, std::uint64_t file_size) {
+          return tss::check_header(std::string(header), file_size);
+        }, py::arg("header"), py::arg("file_size"),
+        "What is wrong with the header (the N bytes after the length) of a file of "
+        "file_size bytes, or None if the file is complete.");
   m.def("safetensors_dtype", &tss::safetensors_dtype_name, py::arg("dtype"),
         "The safetensors dtype name for a torch.dtype, or None if it cannot be saved.");
   m.def("release_file_pages", &tss::release_file_pages, py::arg("tensor"),

@@ -50,6 +50,8 @@ class _FileUpload:
         total = 8 + _C.reserved_header_size(rows, _resolve_dtype, metadata) + _C.data_size(
             rows, _resolve_dtype
         )
+        self.size = total
+        self.completed = False
         part_size = save.part_size
         if store.max_parts is not None:
             # Large enough that the whole file fits the store's part count.
@@ -107,6 +109,7 @@ class _FileUpload:
 
     def complete(self) -> None:
         self._target.complete()
+        self.completed = True
 
     def abort(self) -> None:
         if self._parts is not None:
@@ -117,15 +120,16 @@ class _FileUpload:
 
 
 class _StoreSave:
-    """The uploads of one save; aborts every one of them on any failure
-    (an exception, KeyboardInterrupt) before complete_all()."""
+    """The uploads of one save. Used as a context manager, it aborts every
+    upload not yet completed on any failure (an exception,
+    KeyboardInterrupt); the distributed save, whose phases outlive one
+    block, calls abort_all() and close() itself."""
 
     def __init__(self, store: Store, part_size: int, concurrency: int) -> None:
         self.store = store
         self.part_size = _positive_int("part_size", part_size, store.min_part_size)
         self.concurrency = _positive_int("concurrency", concurrency)
         self.started: list[_FileUpload] = []
-        self._completed = False
         store.connect(self.concurrency)
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.concurrency, thread_name_prefix="trinity_stream_saver-upload"
@@ -136,28 +140,41 @@ class _StoreSave:
 
     def __exit__(self, kind, error, traceback) -> None:
         try:
-            if kind is not None and not self._completed:
-                self._abort_all(error)
+            if kind is not None:
+                for note in self.abort_all():
+                    error.add_note(note)
         finally:
-            self.pool.shutdown(wait=True)
+            self.close()
 
-    def _abort_all(self, error: BaseException) -> None:
+    def close(self) -> None:
+        """Waits for the upload threads to end (every part has been sent
+        or released once finish() or abort() returned)."""
+        self.pool.shutdown(wait=True)
+
+    def abort_all(self) -> list[str]:
+        """Aborts every upload not completed (an object completed is in
+        place: completing a file replaced the older one of its name).
+        Returns a note for each abort that failed; the save's own error is
+        the one to raise."""
+        notes = []
         for upload in self.started:
+            if upload.completed:
+                continue
             try:
                 upload.abort()
-            except Exception as failure:  # the first error is the one to raise
-                error.add_note(
+            except Exception as failure:
+                notes.append(
                     f"trinity_stream_saver: aborting the upload of {self.store.url(upload.key)} "
                     f"also failed ({failure!r}); its parts may remain until the bucket's "
                     "lifecycle rule for incomplete multipart uploads removes them."
                 )
+        return notes
 
     def complete_all(self) -> None:
-        """Makes every object appear, in file order. From here on nothing is
-        aborted: an object completed is in place."""
-        self._completed = True
+        """Makes every object appear, in the order the uploads are listed."""
         for upload in self.started:
-            upload.complete()
+            if not upload.completed:
+                upload.complete()
 
 
 def save_file_to_store(
@@ -181,61 +198,77 @@ def save_file_to_store(
 
 
 def save_sharded_to_store(
-    tensor_iter: Iterable, url: str, state_dict_meta: list, plan, metadata,
+    tensor_iter: Iterable, url: str, plan, metadata,
     storage_options: Optional[Mapping[str, Any]], part_size: int, concurrency: int,
 ) -> str:
-    """The object-store branch of save_sharded_streaming, for a plan made
-    from state_dict_meta (a list)."""
+    """The object-store branch of save_sharded_streaming."""
     store, prefix = open_store(url.rstrip("/"), storage_options)
     prefix += "/"
+    with _StoreSave(store, part_size, concurrency) as save:
+        upload_files(save, prefix, plan, list(plan.filename_to_tensors), tensor_iter, metadata)
+        save.complete_all()
+    return publish_index(store, prefix, plan, metadata)
+
+
+def upload_files(save: _StoreSave, prefix: str, plan, files: list, tensor_iter: Iterable,
+                 metadata) -> None:
+    """Uploads `files` of `plan` (in plan order) under `prefix`, from
+    `tensor_iter`, which yields their tensors in state_dict_meta's order;
+    every upload is finished, none completed: save.complete_all() makes
+    them appear."""
     file_metadata = _C.shard_file_metadata(plan._plan, metadata)
-    index = _C.shard_index_json(plan._plan, metadata) if plan.is_sharded else None
-    files = list(plan.filename_to_tensors)
+    wanted = set(files)
     rows_of: dict[str, list] = {name: [] for name in files}
     file_of_row = []
-    for row in state_dict_meta:
+    for row in plan._rows:
         filename = plan.tensor_to_filename[row[0]]
-        rows_of[filename].append(row)
-        file_of_row.append(filename)
-    with _StoreSave(store, part_size, concurrency) as save:
-        open_uploads: dict[str, _FileUpload] = {}
-        written = {name: 0 for name in files}
-        row = 0  # counted by hand, as in save_file_to_store
-        for item in tensor_iter:
-            # Past the last row, the last file's writer refuses the extra tensor.
-            filename = file_of_row[min(row, len(file_of_row) - 1)] if file_of_row else files[-1]
-            row += 1
-            upload = open_uploads.get(filename)
-            if upload is None:
-                # A file's upload begins with its first tensor, so only the
-                # file being filled and a large tensor's file of its own
-                # (which the plan puts out of order) hold part buffers at once.
-                upload = open_uploads[filename] = _FileUpload(
-                    save, prefix + filename, rows_of[filename], file_metadata
-                )
-            upload.write(item, written[filename])
-            del item
-            written[filename] += 1
-            if written[filename] == len(rows_of[filename]):
-                upload.finish()
-                del open_uploads[filename]
-        for filename in files:
-            # Files still open when the iterator stopped early, and files
-            # never begun (the empty file of an empty state dict, or files
-            # the iterator never reached): finish() says what is missing.
-            upload = open_uploads.pop(filename, None)
-            if upload is None and written[filename] == 0:
-                upload = _FileUpload(save, prefix + filename, rows_of[filename], file_metadata)
-            if upload is not None:
-                upload.finish()
-        # Sorted by plan file order: complete_all goes in this order.
-        order = {name: i for i, name in enumerate(files)}
-        save.started.sort(key=lambda upload: order[upload.key[len(prefix):]])
-        save.complete_all()
+        if filename in wanted:
+            rows_of[filename].append(row)
+            file_of_row.append(filename)
+    open_uploads: dict[str, _FileUpload] = {}
+    written = {name: 0 for name in files}
+    row = 0  # counted by hand, as in save_file_to_store
+    for item in tensor_iter:
+        # Past the last row, the last file's writer refuses the extra tensor.
+        filename = file_of_row[min(row, len(file_of_row) - 1)] if file_of_row else files[-1]
+        row += 1
+        upload = open_uploads.get(filename)
+        if upload is None:
+            # A file's upload begins with its first tensor, so only the
+            # file being filled and a large tensor's file of its own
+            # (which the plan puts out of order) hold part buffers at once.
+            upload = open_uploads[filename] = _FileUpload(
+                save, prefix + filename, rows_of[filename], file_metadata
+            )
+        upload.write(item, written[filename])
+        del item
+        written[filename] += 1
+        if written[filename] == len(rows_of[filename]):
+            upload.finish()
+            del open_uploads[filename]
+    for filename in files:
+        # Files still open when the iterator stopped early, and files
+        # never begun (the empty file of an empty state dict, or files
+        # the iterator never reached): finish() says what is missing.
+        upload = open_uploads.pop(filename, None)
+        if upload is None and written[filename] == 0:
+            upload = _FileUpload(save, prefix + filename, rows_of[filename], file_metadata)
+        if upload is not None:
+            upload.finish()
+    # In plan order: complete_all goes in this order.
+    order = {name: i for i, name in enumerate(files)}
+    save.started.sort(key=lambda upload: order[upload.key[len(prefix):]])
+
+
+def publish_index(store: Store, prefix: str, plan, metadata) -> str:
+    """Once every file of `plan` is in place under `prefix`: the index
+    (when sharded), then an older checkpoint's objects that it does not
+    name deleted. Returns the URL of the index, or of the single file."""
+    files = list(plan.filename_to_tensors)
     keep = set(files)
     result = store.url(prefix + files[0])
-    if index is not None:
-        store.put(prefix + plan.index_filename, index)
+    if plan.is_sharded:
+        store.put(prefix + plan.index_filename, _C.shard_index_json(plan._plan, metadata))
         keep.add(plan.index_filename)
         result = store.url(prefix + plan.index_filename)
     # As for folders: an older checkpoint's objects that the new index does
@@ -243,7 +276,7 @@ def save_sharded_to_store(
     # shards of another count).
     stale = [
         prefix + name
-        for name in store.list(prefix)
+        for name in store.sizes(prefix)
         if name not in keep and _C.is_checkpoint_filename(plan.filename_pattern, name)
     ]
     if stale:

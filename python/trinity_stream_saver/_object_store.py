@@ -7,7 +7,9 @@ knows nothing of safetensors.
 A store hands out uploads: ``start(key)`` begins one object, whose parts
 come in order (numbered from 1); ``complete()`` makes the object appear,
 ``abort()`` discards it. Besides: ``put`` (a small object at once),
-``list`` (names directly under a prefix) and ``delete``.
+``sizes`` (the objects directly under a prefix, by name, with their sizes)
+and ``delete``; for the command line's reading, ``size`` (one object's, or
+None) and ``read`` (a range of bytes).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any, Optional
 
 #: A URL's scheme, as RFC 3986 spells it (a Windows drive "C:\\" has no "//").
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.DOTALL)
+
+_S3_PROTOCOLS = ("s3", "s3a")
 
 #: S3 takes at most 10000 parts, each but the last at least 5 MiB.
 S3_MAX_PARTS = 10_000
@@ -35,23 +39,35 @@ def url_protocol(path: object) -> Optional[str]:
     return match.group(1).lower() if match else None
 
 
-def open_store(url: str, storage_options: Optional[Mapping[str, Any]]) -> tuple["Store", str]:
-    """The store a URL names and the key within it. Raises ValueError for a
-    protocol no installed library knows, ImportError naming what to install."""
+def check_url(url: str) -> None:
+    """Raises ValueError unless `url` names an object (a prefix is named
+    without its last "/") of a protocol an installed library knows,
+    ImportError naming what to install; connects to nothing."""
     protocol = url_protocol(url)
     assert protocol is not None, url
-    if storage_options is not None and not isinstance(storage_options, Mapping):
-        raise TypeError(
-            f"storage_options must be a dict, not {type(storage_options).__name__}."
-        )
-    options = dict(storage_options or {})
-    if protocol in ("s3", "s3a"):
+    if protocol in _S3_PROTOCOLS:
         bucket, _, key = _URL.match(url).group(2).partition("/")
         if not bucket or not key or key.endswith("/"):
             raise ValueError(
                 f"{url!r} does not name an object: give s3://bucket/key "
                 "(e.g. s3://bucket/checkpoints/model.safetensors)."
             )
+        return
+    _fsspec_class(url, protocol)
+
+
+def open_store(url: str, storage_options: Optional[Mapping[str, Any]]) -> tuple["Store", str]:
+    """The store a URL names and the key within it. Raises as check_url
+    does, and TypeError for storage_options that are not a dict."""
+    if storage_options is not None and not isinstance(storage_options, Mapping):
+        raise TypeError(
+            f"storage_options must be a dict, not {type(storage_options).__name__}."
+        )
+    check_url(url)
+    protocol = url_protocol(url)
+    options = dict(storage_options or {})
+    if protocol in _S3_PROTOCOLS:
+        bucket, _, key = _URL.match(url).group(2).partition("/")
         return S3Store(bucket, options, f"{protocol}://{bucket}/"), key
     return FsspecStore.for_url(url, protocol, options)
 
@@ -205,14 +221,35 @@ class S3Store(Store):
     def put(self, key: str, data: bytes) -> None:
         self._client.put_object(Bucket=self._bucket, Key=key, Body=data)
 
-    def list(self, prefix: str) -> list[str]:
-        names = []
+    def sizes(self, prefix: str) -> dict[str, int]:
+        found = {}
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self._bucket, Prefix=prefix, Delimiter="/"
         )
         for page in pages:
-            names.extend(entry["Key"][len(prefix):] for entry in page.get("Contents", []))
-        return names
+            for entry in page.get("Contents", []):
+                found[entry["Key"][len(prefix):]] = entry["Size"]
+        return found
+
+    def size(self, key: str) -> Optional[int]:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._client.head_object(Bucket=self._bucket, Key=key)["ContentLength"]
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def read(self, key: str, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) of the object, by one ranged GET
+        (fewer at its end)."""
+        if length <= 0:
+            return b""
+        response = self._client.get_object(
+            Bucket=self._bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
+        )
+        return response["Body"].read()
 
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):  # DeleteObjects takes 1000 keys
@@ -250,6 +287,27 @@ class _FsspecUpload:
         self._file.discard()
 
 
+def _fsspec_class(url: str, protocol: str):
+    """fsspec's filesystem class for `protocol`."""
+    try:
+        import fsspec
+    except ImportError as error:
+        raise ImportError(
+            f"saving to {protocol}:// needs fsspec (and its implementation of {protocol}://); "
+            "pip install fsspec, or use s3:// or a local path."
+        ) from error
+    try:
+        return fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise ValueError(
+            f"{url!r}: the protocol {protocol!r} is not known to fsspec; give a local "
+            "path, an s3:// URL, or a URL of a protocol fsspec knows "
+            "(e.g. gs://, az://, file://)."
+        ) from None
+    except ImportError as error:
+        raise ImportError(f"{url!r}: {error}") from error
+
+
 class FsspecStore(Store):
     """A filesystem fsspec knows, as the protocol's fsspec implementation
     writes it; parts go one after the other, in order."""
@@ -258,23 +316,7 @@ class FsspecStore(Store):
 
     @classmethod
     def for_url(cls, url: str, protocol: str, options: dict[str, Any]) -> tuple["FsspecStore", str]:
-        try:
-            import fsspec
-        except ImportError as error:
-            raise ImportError(
-                f"saving to {protocol}:// needs fsspec (and its implementation of {protocol}://); "
-                "pip install fsspec, or use s3:// or a local path."
-            ) from error
-        try:
-            fs_class = fsspec.get_filesystem_class(protocol)
-        except ValueError:
-            raise ValueError(
-                f"{url!r}: the protocol {protocol!r} is not known to fsspec; give a local "
-                "path, an s3:// URL, or a URL of a protocol fsspec knows "
-                "(e.g. gs://, az://, file://)."
-            ) from None
-        except ImportError as error:
-            raise ImportError(f"{url!r}: {error}") from error
+        fs_class = _fsspec_class(url, protocol)
         fs = fs_class(**options)
         path = fs_class._strip_protocol(url)
         parent, _, name = path.rpartition("/")
@@ -297,11 +339,22 @@ class FsspecStore(Store):
     def put(self, key: str, data: bytes) -> None:
         self._fs.pipe_file(self._path(key), data)
 
-    def list(self, prefix: str) -> list[str]:
+    def sizes(self, prefix: str) -> dict[str, int]:
         directory = self._path(prefix).rstrip("/")
         if not self._fs.exists(directory):
-            return []
-        return [entry.rstrip("/").rpartition("/")[2] for entry in self._fs.ls(directory, detail=False)]
+            return {}
+        return {
+            entry["name"].rstrip("/").rpartition("/")[2]: entry["size"]
+            for entry in self._fs.ls(directory, detail=True)
+            if entry.get("type") != "directory"
+        }
+
+    def size(self, key: str) -> Optional[int]:
+        path = self._path(key)
+        return self._fs.size(path) if self._fs.isfile(path) else None
+
+    def read(self, key: str, start: int, length: int) -> bytes:
+        return self._fs.cat_file(self._path(key), start=start, end=start + length)
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:

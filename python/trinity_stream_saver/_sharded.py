@@ -39,6 +39,9 @@ class ShardPlan:
     filename_pattern: str
     # The plan in C++, for the writers.
     _plan: object = dataclasses.field(repr=False, compare=False)
+    # The rows planned, in state_dict_meta's order: what an object-store
+    # upload sends each file's header from (_object_save.upload_files).
+    _rows: list = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     @property
     def is_sharded(self) -> bool:
@@ -77,7 +80,8 @@ def plan_shards(
             f"filename_pattern {filename_pattern!r} cannot be encoded as UTF-8 ({error.reason} at "
             f"position {error.start}); the index names files in UTF-8, use a str of text."
         ) from None
-    plan = _C.plan_shards(state_dict_meta, _resolve_dtype, _parse_size(max_shard_size), filename_pattern)
+    rows = list(state_dict_meta)
+    plan = _C.plan_shards(rows, _resolve_dtype, _parse_size(max_shard_size), filename_pattern)
     filename_to_tensors = {}
     tensor_to_filename = {}
     for filename, names, _ in plan.files:
@@ -91,6 +95,7 @@ def plan_shards(
         total_parameters=plan.total_parameters,
         filename_pattern=plan.filename_pattern,
         _plan=plan,
+        _rows=rows,
     )
 
 def save_sharded_streaming(
@@ -146,8 +151,7 @@ def save_sharded_streaming(
     directory = _path("save_directory", save_directory)
     extra = _normalise_metadata(metadata)
     _check_meta(state_dict_meta)
-    meta = list(state_dict_meta) if url_protocol(directory) is not None else state_dict_meta
-    plan = plan_shards(meta, max_shard_size, filename_pattern)
+    plan = plan_shards(state_dict_meta, max_shard_size, filename_pattern)
     bar = None
     if progress:
         bar = _progress_bar(plan.metadata["total_size"], os.path.basename(os.path.normpath(directory)))
@@ -156,7 +160,7 @@ def save_sharded_streaming(
         # ---- object storage (see _object_save) ----
         if url_protocol(directory) is not None:
             return save_sharded_to_store(
-                tensor_iter, directory, meta, plan, extra, storage_options, part_size, concurrency
+                tensor_iter, directory, plan, extra, storage_options, part_size, concurrency
             )
         if storage_options is not None:
             raise ValueError(

@@ -25,6 +25,11 @@ examples:
   %(prog)s convert pytorch_model.bin out/ --dtype bf16
   %(prog)s inspect out/
   %(prog)s verify out/ --against pytorch_model.bin
+  %(prog)s convert model_folder/ s3://bucket/run/ckpt
+  %(prog)s inspect s3://bucket/run/ckpt
+
+s3:// paths use the standard AWS environment and config (AWS_ENDPOINT_URL,
+AWS_PROFILE, credentials), as boto3 reads them.
 """
 
 
@@ -46,11 +51,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
             "pytorch_model-0000k-of-0000n.bin shards with pytorch_model.bin.index.json, or "
             "a safetensors file or folder (to re-shard). The other files of a source folder "
             "(config.json, generation_config.json, tokenizer files...) are copied. Tensors "
-            "that share storage are written once."
+            "that share storage are written once. DST may be an object storage prefix "
+            "(s3://bucket/prefix): the shards are streamed into multipart uploads and the "
+            "side files uploaded, nothing appearing unless the whole conversion succeeds."
         ),
     )
     convert.add_argument("source", metavar="SRC", help="checkpoint file or folder to convert")
-    convert.add_argument("destination", metavar="DST", help="folder to write (created if missing)")
+    convert.add_argument("destination", metavar="DST",
+                         help="folder to write (created if missing), or s3://bucket/prefix")
     convert.add_argument(
         "--max-shard-size",
         default="5GB",
@@ -74,7 +82,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         description=(
             "Print a table of every tensor of the checkpoint at PATH (name, dtype, shape, "
             "bytes, file), then totals (tensors, parameters, bytes, files) and the metadata. "
-            "Reads headers only. PATH is a safetensors or torch.save file, an index, or a folder."
+            "Reads headers only (by range requests for s3://). PATH is a safetensors or "
+            "torch.save file, an index, or a folder; or a safetensors object, index or "
+            "prefix in s3://."
         ),
     )
     inspect.add_argument("path", metavar="PATH", help="checkpoint file or folder")
@@ -88,7 +98,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
             "byte lengths equal to dtype size times shape, offsets contiguous from 0 covering "
             "the data, file size 8 + N + data) and its index (every file exists and holds its "
             "tensors, no tensor missing or duplicated, total_size right). Exits 0 when "
-            "everything holds, 1 naming each bad file and what is wrong."
+            "everything holds, 1 naming each bad file and what is wrong. PATH may be in "
+            "s3://: only the headers are read (by range requests), and the data for --against."
         ),
     )
     verify.add_argument("path", metavar="PATH", help="safetensors file, index, or folder")

@@ -29,6 +29,7 @@ import torch
 
 from .._extension import _C
 from .._state_dict import split_aliases
+from .object_checkpoint import ObjectPath, ObjectTensors, as_path, refuse_remote_torch
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -142,8 +143,9 @@ class Checkpoint:
 
 
 def open_checkpoint(path: os.PathLike | str) -> Checkpoint:
-    """The checkpoint at ``path``: a weight file, an index file, or a folder."""
-    path = Path(path)
+    """The checkpoint at ``path``: a weight file, an index file, or a folder
+    (or, given a URL, an object or a prefix of object storage)."""
+    path = path if isinstance(path, ObjectPath) else as_path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder.")
     if path.is_dir():
@@ -166,10 +168,12 @@ def open_checkpoint(path: os.PathLike | str) -> Checkpoint:
                 raise CheckpointError(f"{path}: names the file {file.name}, which does not exist.")
         files = index.files
         kind = "safetensors" if all(f.suffix == SAFETENSORS_SUFFIX for f in files) else "torch"
+        refuse_remote_torch(path, kind)
         return Checkpoint(path, kind, files, folder=path.parent, index_metadata=index.metadata)
     if path.suffix == SAFETENSORS_SUFFIX:
         return Checkpoint(path, "safetensors", [path])
     if path.suffix in TORCH_SUFFIXES:
+        refuse_remote_torch(path, "torch")
         return Checkpoint(path, "torch", [path])
     raise CheckpointError(
         f"{path}: not a checkpoint file; expected a .safetensors, "
@@ -318,16 +322,20 @@ class SafetensorsHeader:
 
     tensors: dict[str, dict]  # name -> {"dtype", "shape", "data_offsets"}, in file order
     metadata: Optional[dict]
+    length: int = 0  # N, the header's bytes after the 8 of its length
 
 
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
     """The header of a complete safetensors file. Anything else gets a
     ValueError naming the file and what is wrong, from the format layer's
     check (header length and JSON, dtypes, byte lengths, offsets, file size)."""
-    _C.check_file(os.fsencode(path))
-    with open(path, "rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        raw = file.read(length)
+    if isinstance(path, ObjectPath):
+        raw = path.read_header()  # range requests, the same checks
+    else:
+        _C.check_file(os.fsencode(path))
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            raw = file.read(length)
     duplicates: list[str] = []
     try:
         header = json.loads(raw, object_pairs_hook=_pairs_noting(duplicates))
@@ -341,7 +349,7 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
             f"which one holds, so the file is ambiguous. Re-save it from its source."
         )
     metadata = header.pop("__metadata__", None)
-    return SafetensorsHeader(header, metadata)
+    return SafetensorsHeader(header, metadata, len(raw))
 
 
 def _safetensors_entries(path: Path) -> list[Entry]:
@@ -371,6 +379,9 @@ def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def safe_open_file(path: Path):
     """``safetensors.safe_open(path)`` for torch tensors on the CPU."""
+    if isinstance(path, ObjectPath):
+        header = read_safetensors_header(path)
+        return ObjectTensors(path, header.tensors, 8 + header.length)
     try:
         from safetensors import safe_open
     except ImportError:

@@ -15,6 +15,7 @@ import torch
 from .. import save_sharded_streaming
 from .._extension import _C
 from .._meta import DTYPE_TO_SAFETENSORS
+from .._object_store import url_protocol
 from .._state_dict import saved_dtype
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
@@ -43,12 +44,20 @@ def convert(
     fsync: bool = False,
     progress: bool = True,
 ) -> str:
-    """Converts ``source`` into the folder ``destination``; returns the path
-    of the index (or of the single file). A failed conversion leaves the
-    destination as it was (a folder it created is removed again)."""
+    """Converts ``source`` into the folder ``destination`` (or the object
+    storage prefix, given a URL); returns the path of the index (or of the
+    single file). A failed conversion leaves the destination as it was (a
+    folder it created is removed again)."""
+    if url_protocol(source) is not None:
+        raise CheckpointError(
+            f"{source}: convert reads a local checkpoint; download it first (inspect and "
+            "verify read object storage)."
+        )
     checkpoint = open_checkpoint(source)
-    folder = Path(destination)
-    _refuse_overlap(checkpoint, folder)
+    remote = url_protocol(destination) is not None
+    folder = None if remote else Path(destination)
+    if not remote:
+        _refuse_overlap(checkpoint, folder)
     target = DTYPES[dtype] if dtype is not None else None
 
     entries = checkpoint.entries()
@@ -71,6 +80,11 @@ def convert(
     tensors = checkpoint.tensors()
     if target is not None:
         tensors = _cast(tensors, target[1])
+    if remote:
+        written = _convert_into_store(checkpoint, tensors, destination, meta,
+                                      max_shard_size, progress)
+        _report(checkpoint, len(entries), total, written)
+        return written
 
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,6 +105,38 @@ def convert(
         raise
     _install_side_files(staged, folder, fsync=fsync)
     _report(checkpoint, len(entries), total, written)
+    return written
+
+
+def _convert_into_store(checkpoint: Checkpoint, tensors, url: str, meta, max_shard_size,
+                        progress: bool) -> str:
+    """As for a folder: the side files are uploaded first (an upload each,
+    invisible until completed) and completed only after the weights' index
+    is in place; any failure before aborts them, as the save aborts its own
+    uploads. fsync does not apply: an object is durable once completed."""
+    from .._object_store import open_store
+
+    store, prefix = open_store(url.rstrip("/"), None)
+    store.connect(1)
+    staged = []
+    try:
+        for path in checkpoint.side_files():
+            data = path.read_bytes()
+            upload = store.start(f"{prefix}/{path.name}")
+            staged.append(upload)
+            upload.upload_part(1, memoryview(data))
+        written = save_sharded_streaming(
+            tensors, url, meta, max_shard_size=max_shard_size, progress=progress
+        )
+    except BaseException as error:
+        for upload in staged:
+            try:
+                upload.abort()
+            except Exception as failure:  # the conversion's own error is the one to raise
+                error.add_note(f"aborting the upload of a side file also failed ({failure!r}).")
+        raise
+    for upload in staged:
+        upload.complete()
     return written
 
 

@@ -22,6 +22,7 @@ from .checkpoint import (
     read_safetensors_header,
     safe_open_file,
 )
+from .object_checkpoint import as_path
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -49,7 +50,7 @@ class Layout:
 
 def run(path: str, against: Optional[str]) -> int:
     report = Report()
-    headers = check(Path(path), report)
+    headers = check(as_path(path), report)
     if against is not None and headers is not None:
         compare(headers, against, report)
     for note in report.notes:

@@ -4,6 +4,8 @@ save_pretrained writes them: config.json and generation_config.json."""
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from typing import Optional
 
 import torch
@@ -24,6 +26,20 @@ class ConfigFiles:
         if self._generation_config is not None:
             self._generation_config.save_pretrained(directory)
 
+    def contents(self) -> dict[str, bytes]:
+        """The files, by name, for a destination that is not a folder
+        (object storage). transformers writes them (its checks, custom code
+        files) into a temporary folder: a few kilobytes, never the weights."""
+        with tempfile.TemporaryDirectory(prefix="trinity_stream_saver-config-") as folder:
+            self.save(folder)
+            files = {}
+            for name in sorted(os.listdir(folder)):
+                path = os.path.join(folder, name)
+                if os.path.isfile(path):
+                    with open(path, "rb") as file:
+                        files[name] = file.read()
+            return files
+
 
 def config_files(model: object, dtype: Optional[torch.dtype]) -> Optional[ConfigFiles]:
     """The config files of a transformers model as it is now; None for
@@ -42,11 +58,3 @@ def config_files(model: object, dtype: Optional[torch.dtype]) -> Optional[Config
     if not (callable(can_generate) and can_generate()):
         generation_config = None
     return ConfigFiles(config, copy.deepcopy(generation_config))
-
-
-def save_config(model: object, directory: str, dtype: Optional[torch.dtype]) -> None:
-    """config.json (and generation_config.json) of a transformers model;
-    nothing for anything else."""
-    files = config_files(model, dtype)
-    if files is not None:
-        files.save(directory)

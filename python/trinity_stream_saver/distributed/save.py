@@ -29,12 +29,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from .._arguments import _normalise_metadata, _parse_size, _path
 from .._extension import _C
+from .._object_save import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
+from .._object_store import check_url, url_protocol
 from .._progress import _progress_bar
 from .._sharded import plan_shards
 from .._state_dict import check_cast_target
@@ -90,6 +92,12 @@ class _RankSave:
         from .transport import layouts
 
         self.directory = _path("save_directory", save_directory)
+        # A URL (s3://bucket/prefix) is a prefix in object storage: no
+        # folder to make or lock. An unknown protocol fails here, on every
+        # rank, before anything is written.
+        self.is_url = url_protocol(self.directory) is not None
+        if self.is_url:
+            check_url(self.directory.rstrip("/"))
         if dtype is not None:
             check_cast_target(dtype)
         self.dtype = dtype
@@ -109,7 +117,8 @@ class _RankSave:
         # The path as given (a relative one is the same on nodes whose
         # working directories have the same path): whether it is one folder
         # is what the first writer checks before the index.
-        return _Agreement(digest, os.path.normpath(self.directory), unsendable)
+        where = self.directory.rstrip("/") if self.is_url else os.path.normpath(self.directory)
+        return _Agreement(digest, where, unsendable)
 
     def agree(self, prepared: list[_Agreement]) -> None:
         from .transport import agreed_layouts
@@ -137,9 +146,9 @@ class _RankSave:
             if progress and coordinator:
                 bar = feed.progress = _progress_bar(
                     mine.bytes_mine, os.path.basename(os.path.normpath(self.directory)))
-            if mine.files or coordinator:
+            if (mine.files or coordinator) and not self.is_url:
                 os.makedirs(self.directory, exist_ok=True)
-            if coordinator:
+            if coordinator and not self.is_url:
                 # The folder is this save's until its clean-up is done: a
                 # second save into it fails here (EBUSY) instead of removing
                 # this one's files. The other ranks write into the held folder.
@@ -173,7 +182,7 @@ class _RankSave:
             return None
         written = self._storage.finish(dict(enumerate(committed)))
         if self.config is not None:
-            self.config.save(self.directory)
+            self._storage.save_config(self.config)
         return written
 
 
@@ -220,6 +229,9 @@ def save_model_streaming(
     process_group=None,
     writer_ranks: Optional[Sequence[int]] = None,
     progress: bool = False,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    part_size: int = DEFAULT_PART_SIZE,
+    concurrency: int = DEFAULT_CONCURRENCY,
 ) -> str:
     """Save `model` as a Hugging Face checkpoint (shards, index, and a
     transformers model's config.json) in `save_directory`, one full tensor
@@ -259,7 +271,11 @@ def save_model_streaming(
             Tensors that alias one another (tied weights) are saved once,
             under the first name (a name transformers declares as tied to
             another yields to the other, as in save_pretrained).
-        save_directory: the folder, created if missing.
+        save_directory: the folder, created if missing; or a URL prefix in
+            object storage (``s3://bucket/run/step-100``, or a protocol
+            fsspec knows), where each writer rank uploads its files as
+            multipart uploads that appear only once every rank has
+            uploaded every part (see the README's "Object storage").
         max_shard_size, filename_pattern, metadata, fsync: as in
             ``save_sharded_streaming``. Only as many ranks write as there
             are files: lower ``max_shard_size`` for more files.
@@ -273,6 +289,8 @@ def save_model_streaming(
             succeeded.
         progress: a tqdm bar, on the first writer rank, in the bytes that
             rank writes.
+        storage_options, part_size, concurrency: for a URL, as in
+            ``save_safetensors_streaming``, on each writer rank.
 
     Returns:
         The index's path, or the single file's path (the same on every rank).
@@ -282,7 +300,9 @@ def save_model_streaming(
         failing ranks and their errors; in a single process, the error
         itself (TypeError, ValueError, OSError). A failure before the
         renames leaves the folder as it was, with no temporary files and no
-        index (a folder the save created stays, empty).
+        index (a folder the save created stays, empty). For a URL, a failure
+        before the uploads are completed aborts every rank's uploads: no
+        new object, no pending multipart upload, no index.
 
     GPU tensors reach the CPU through two pinned buffers of the largest
     tensor this rank writes, copied without blocking while the previous
@@ -290,6 +310,15 @@ def save_model_streaming(
     """
     from .transport import PointToPoint
 
-    return _save(model, save_directory, PointToPoint, ShardFiles, max_shard_size=max_shard_size,
+    storage = ShardFiles
+    if url_protocol(save_directory) is not None:
+        from .object_storage import object_storage
+
+        storage = object_storage(storage_options, part_size, concurrency)
+    elif storage_options is not None:
+        raise ValueError(
+            f"storage_options applies to URLs (s3://...), but {save_directory!r} is a local path."
+        )
+    return _save(model, save_directory, PointToPoint, storage, max_shard_size=max_shard_size,
                  filename_pattern=filename_pattern, metadata=metadata, dtype=dtype, fsync=fsync,
                  process_group=process_group, writer_ranks=writer_ranks, progress=progress)

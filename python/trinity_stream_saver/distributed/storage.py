@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from typing import Callable, Optional
+
 from .._sharded import ShardPlan, _finish_sharded, _sharded_writer
 
 
@@ -43,30 +45,37 @@ class ShardFiles:
         """The index, once `committed` (each rank's commit()) shows that
         every file is in this rank's folder; returns its path, or the single
         file's."""
-        check_visible(self._directory, committed)
+        missing = not_visible(committed, lambda name: _size(os.path.join(self._directory, name)))
+        if missing:
+            raise FileNotFoundError(
+                f"{self._directory}: {len(missing)} shard files that the ranks wrote are not in "
+                f"this folder: {', '.join(missing)}. The writer ranks do not share this folder "
+                "(nodes without a shared filesystem); save to a folder that every writer rank "
+                "shares, or pass writer_ranks=[0] so that one rank writes every file. No index "
+                "was written."
+            )
         return _finish_sharded(self._plan, self._directory, self._metadata, self._fsync)
 
+    def save_config(self, config) -> None:
+        """config.json (and generation_config.json): hf_config.ConfigFiles."""
+        config.save(self._directory)
 
-def check_visible(directory: str, committed: dict[int, dict[str, int]]) -> None:
-    """Raises FileNotFoundError unless every file each rank committed is
-    in `directory`, as large as that rank wrote it: ranks on nodes without
-    a shared filesystem write into folders of the same name that are not
-    one folder, and an index published then would name files that are not
-    beside it."""
+
+def not_visible(committed: dict[int, dict[str, int]],
+                size_here: Callable[[str], Optional[int]]) -> list[str]:
+    """The files each rank committed that the first writer does not see
+    as large as that rank wrote them (`size_here`: a file's size, None if
+    absent), each described: ranks on nodes without a shared filesystem
+    (or store) write into places of the same name that are not one place,
+    and an index published then would name files that are not beside it."""
     missing = []
     for rank, files in sorted(committed.items()):
         for name, size in files.items():
-            here = _size(os.path.join(directory, name))
+            here = size_here(name)
             if here != size:
                 seen = "absent" if here is None else f"{here} bytes"
                 missing.append(f"{name} (rank {rank} wrote {size} bytes; here: {seen})")
-    if missing:
-        raise FileNotFoundError(
-            f"{directory}: {len(missing)} shard files that the ranks wrote are not in this "
-            f"folder: {', '.join(missing)}. The writer ranks do not share this folder (nodes "
-            "without a shared filesystem); save to a folder that every writer rank shares, or "
-            "pass writer_ranks=[0] so that one rank writes every file. No index was written."
-        )
+    return missing
 
 
 def _size(path: str):
