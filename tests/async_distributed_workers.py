@@ -1,4 +1,4 @@
-"""Ranks for test_async_distributed.py: save_model_streaming_async on a gloo
+"""Ranks for test_async_work.py: save_model_streaming_async on a gloo
 process group of spawned CPU processes (see distributed_workers for the
 spawning and teardown), while the ranks train the FSDP2 model.
 
@@ -7,7 +7,7 @@ rank what the Future gave (its result or error) and what the rank observed;
 the test process compares the folders byte for byte.
 
 The background writer is held through the seam between the staged copies
-and the file writer (``_async_distributed._feed_writer``), so that training
+and the file writer (``_async_work._feed_writer``), so that training
 really runs during the write; whether something waited is judged from what
 was observed, never from elapsed time.
 """
@@ -60,14 +60,14 @@ def held_writer(gate: threading.Event, fail_with=None):
 
 def with_writer(feed, fn):
     """Runs fn() with the background writers fed through `feed`."""
-    from trinity_stream_saver import _async_distributed
+    from trinity_stream_saver import _async_work
 
-    original = _async_distributed._feed_writer
-    _async_distributed._feed_writer = feed
+    original = _async_work._feed_writer
+    _async_work._feed_writer = feed
     try:
         return fn()
     finally:
-        _async_distributed._feed_writer = original
+        _async_work._feed_writer = original
 
 
 def sync_save(model, folder: str, **kwargs) -> None:

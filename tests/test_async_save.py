@@ -3,7 +3,7 @@ model as it was at the call, while training goes on.
 
 Every checkpoint is compared byte for byte with save_model_streaming's of
 the same state, saved synchronously just before the asynchronous call. The
-background writer is slowed or held (through `_write_files`, the seam
+background writer is slowed or held (through `_async_work._feed_writer`, the seam
 between staging and writing) so that training really runs during the
 write; whether something waited is judged from what it observed, never
 from elapsed time.
@@ -25,7 +25,7 @@ import torch
 from conftest import child_env, mount_tmpfs, tiny_model  # noqa: F401  (fixture)
 import trinity_stream_saver
 from trinity_stream_saver import AsyncSave, save_model_streaming, save_model_streaming_async
-from trinity_stream_saver import _async_save
+from trinity_stream_saver import _async_work
 
 MODES = {"full": {}, "bounded": {"max_staging_bytes": 64 << 10}}
 
@@ -60,9 +60,7 @@ def train_step(model, optimizer) -> None:
 
 def wrap_writer(monkeypatch, wrap) -> None:
     """The background writer gets `wrap(items)` instead of the staged items."""
-    write = _async_save._write_files
-    monkeypatch.setattr(_async_save, "_write_files",
-                        lambda items, *args: write(wrap(items), *args))
+    monkeypatch.setattr(_async_work, "_feed_writer", wrap)
 
 
 def held_at(gate: threading.Event, held: int):
@@ -403,7 +401,7 @@ import atexit, os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
 import torch
 import trinity_stream_saver
-from trinity_stream_saver import _async_save, save_model_streaming, save_model_streaming_async
+from trinity_stream_saver import _async_work, save_model_streaming, save_model_streaming_async
 
 folder, mode, ending = sys.argv[1], sys.argv[2], sys.argv[3]
 torch.manual_seed(0)
@@ -411,12 +409,11 @@ model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(20)])
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 save_model_streaming(model, os.path.join(folder, "sync"))
 
-write = _async_save._write_files
 def slowly(items):
     for item in items:
         time.sleep(0.1)
         yield item
-_async_save._write_files = lambda items, *args: write(slowly(items), *args)
+_async_work._feed_writer = slowly
 
 # Registered after the package's: runs before it waits for the saves.
 atexit.register(lambda: print("EXITING", flush=True))

@@ -44,6 +44,25 @@ def test_a_model_saved_to_s3_is_the_local_save_with_its_config(bucket, tmp_path)
     assert bucket.pending_uploads() == []
 
 
+@pytest.mark.parametrize("bound", [None, 64 << 10], ids=["full", "bounded"])
+def test_an_asynchronous_save_to_s3_is_the_model_at_the_call(bucket, tmp_path, bound):
+    from trinity_stream_saver import save_model_streaming_async
+
+    model = tiny_model()
+    save_model_streaming(model, tmp_path / "local", max_shard_size="100KB")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    future = save_model_streaming_async(model, bucket.url("run"), max_shard_size="100KB",
+                                        part_size=PART, concurrency=2, max_staging_bytes=bound,
+                                        optimizer=optimizer)
+    for _ in range(3):  # training goes on while the objects are uploaded
+        optimizer.zero_grad()
+        model(input_ids=torch.arange(12).view(1, 12)).logits.square().mean().backward()
+        optimizer.step()
+    assert future.result(60) == bucket.url("run/model.safetensors.index.json")
+    assert bucket.objects() == folder_objects(tmp_path / "local", "run")
+    assert bucket.pending_uploads() == []
+
+
 def test_a_model_save_failing_while_uploading_keeps_the_older_checkpoint(bucket):
     import functools
     import inspect

@@ -2,13 +2,12 @@
 thread, from a snapshot of the model, so that training goes on while the
 checkpoint is written.
 
-This module orchestrates only: which tensors are saved comes from the
-synchronous save's own rules (``distributed.entries``: state dict order, tied
-weights once, every argument checked), the copies from ``_staging``, and
-the bytes from the public ``save_sharded_streaming`` plus the config, which
-is what ``save_model_streaming`` writes in a single process. It adds the
-order around them: one save a time per folder, the staging memory lent to
-one save at a time, the optimizer hook, and the wait at interpreter exit.
+This module is the public function, its Future and the optimizer hook:
+what each rank stages and how the background save writes it is
+``_async_work``'s, the copies ``_staging``'s, the running saves and the
+wait at interpreter exit ``_async_running``'s, and the bytes the
+synchronous save's own (``distributed.save``), so that both saves choose
+the same tensors and write the same files.
 """
 
 from __future__ import annotations
@@ -17,21 +16,13 @@ import concurrent.futures
 import os
 import threading
 from collections.abc import Mapping
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from . import _staging
-from . import _async_distributed
-from ._async_running import _claim, _interrupted_at_exit, _interruptible, _start, _unclaim
+from . import _async_work, _staging
 from ._arguments import _normalise_metadata, _path
-from ._sharded import save_sharded_streaming
-# The synchronous save's preparation and config writing, reused so that
-# both saves choose the same tensors and write the same files.
-from ._state_dict import check_cast_target, saved_dtype
-from .distributed import entries as state_dict
-from .distributed.assignment import writer_ranks as checked_writer_ranks
-from .distributed.hf_config import config_files
+from ._object_save import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
 from .distributed.phases import Ranks
 
 
@@ -78,12 +69,6 @@ class AsyncSave(concurrent.futures.Future):
 # The staging memory, lent to one save at a time (see StagingArena).
 _arena = _staging.StagingArena()
 
-def _write_files(items, directory: str, meta: list, options: dict) -> str:
-    """The files of a single-process save_model_streaming, from CPU tensors
-    in state dict order (a seam the tests slow down)."""
-    return save_sharded_streaming(items, directory, meta, **options)
-
-
 def _check_max_staging_bytes(value: object) -> Optional[int]:
     if value is None:
         return None
@@ -121,25 +106,6 @@ def _wait_before_step(optimizer, save: AsyncSave) -> None:
     handles.append(optimizer.register_step_pre_hook(wait))
 
 
-def _staged_entries(model, dtype) -> list[_staging.StagedEntry]:
-    return [_staging.entry(name, tensor, saved_dtype(tensor.dtype, dtype))
-            for name, tensor in state_dict.entries(model)]
-
-
-def _buffers_now(model, entries: Sequence[_staging.StagedEntry]) -> dict[int, torch.Tensor]:
-    """Copies of a module's buffers (the entries that are not parameters),
-    taken at the call: a forward pass in training mode changes some of them
-    (BatchNorm's running statistics), and they are small."""
-    if not isinstance(model, torch.nn.Module):
-        return {}
-    ready = {}
-    with torch.no_grad():
-        for index, e in enumerate(entries):
-            if not isinstance(e.tensor, torch.nn.Parameter):
-                ready[index] = _staging._whole(e.tensor).to("cpu", e.dtype, copy=True)
-    return ready
-
-
 def save_model_streaming_async(
     model: Union[torch.nn.Module, Mapping[str, torch.Tensor]],
     save_directory: Union[str, os.PathLike],
@@ -152,6 +118,9 @@ def save_model_streaming_async(
     process_group=None,
     writer_ranks: Optional[Sequence[int]] = None,
     progress: bool = False,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    part_size: int = DEFAULT_PART_SIZE,
+    concurrency: int = DEFAULT_CONCURRENCY,
     max_staging_bytes: Optional[int] = None,
     optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> AsyncSave:
@@ -214,7 +183,10 @@ def save_model_streaming_async(
     snapshot is taken on each rank when its share has been copied.
 
     config.json (transformers models) is written from the model's config
-    after the shards and index, as by ``save_model_streaming``.
+    as it was at the call, after the shards and index, as by
+    ``save_model_streaming``. A URL destination (``s3://bucket/prefix``,
+    with ``storage_options``, ``part_size``, ``concurrency``) is written as
+    ``save_model_streaming`` writes it.
     """
     directory = _path("save_directory", save_directory)
     save = AsyncSave(directory)
@@ -231,129 +203,11 @@ def save_model_streaming_async(
         save._snapshot.set()
         save.set_exception(error)
         return save
-    if ranks.size > 1:
-        _async_distributed.start(
-            save, ranks, model, directory, arena=_arena, max_staging_bytes=max_staging_bytes,
-            check_options=check_options, dtype=dtype, metadata=metadata,
-            writer_ranks=writer_ranks, max_shard_size=max_shard_size,
-            filename_pattern=filename_pattern, fsync=fsync, progress=progress)
-        if max_staging_bytes is not None and optimizer is not None and not save.done():
-            _wait_before_step(optimizer, save)
-        return save
-    key = _claim(directory, save)
-    try:
-        bound = check_options()
-        # The synchronous save's argument checks, made at the call.
-        if dtype is not None:
-            check_cast_target(dtype)
-        checked_writer_ranks(writer_ranks, ranks.size)
-        entries = _staged_entries(model, dtype)
-        config = config_files(model, dtype)  # as it is now: training may change the model
-        meta = [(e.name, e.dtype, list(e.tensor.shape)) for e in entries]
-        options = dict(max_shard_size=max_shard_size, filename_pattern=filename_pattern,
-                       metadata=metadata, fsync=fsync, progress=progress)
-        pinned = _staging.needs_pinned_memory(entries)
-
-        def write(items) -> str:
-            written = _write_files(_interruptible(items, save), directory, meta, options)
-            if config is not None:
-                config.save(directory)
-            return written
-
-        if bound is None:
-            work = _stage_all_now(save, entries, pinned, write)
-        else:
-            work = _stage_through_ring(save, model, entries, pinned, bound, write)
-            if optimizer is not None:
-                _wait_before_step(optimizer, save)
-    except Exception as error:
-        _unclaim(key)
-        save._snapshot.set()
-        save.set_exception(error)
-        return save
-    except BaseException:
-        # A Ctrl-C during the call (waiting for the staging memory, or
-        # copying) stops the caller, as it would a synchronous save.
-        _unclaim(key)
-        save._snapshot.set()
-        raise
-
-    def run() -> None:
-        try:
-            result = work()
-        except BaseException as error:  # delivered through the Future
-            _unclaim(key)
-            save._snapshot.set()
-            save.set_exception(error)
-        else:
-            _unclaim(key)
-            save.set_result(result)
-
-    _start(run, f"trinity_stream_saver-async-save:{os.path.basename(os.path.normpath(directory))}")
+    _async_work.start(
+        save, ranks, model, directory, arena=_arena, check_options=check_options, dtype=dtype,
+        writer_ranks=writer_ranks, max_shard_size=max_shard_size,
+        filename_pattern=filename_pattern, storage_options=storage_options, part_size=part_size,
+        concurrency=concurrency, metadata=metadata, fsync=fsync, progress=progress)
+    if max_staging_bytes is not None and optimizer is not None and not save.done():
+        _wait_before_step(optimizer, save)
     return save
-
-
-def _stage_all_now(save: AsyncSave, entries, pinned: bool, write):
-    """Full staging: the copies are taken here, on the caller's thread, and
-    the returned work writes them (and lends the memory on)."""
-    buffer = _arena.acquire(_staging.full_staging_bytes(entries), pinned)
-    try:
-        staged, copied = _staging.stage_all(entries, buffer)
-    except BaseException:
-        _arena.release()
-        raise
-    save._snapshot.set()
-
-    def work() -> str:
-        try:
-            if copied is not None:
-                copied.synchronize()
-            return write(staged)
-        finally:
-            _arena.release()
-
-    return work
-
-
-def _stage_through_ring(save: AsyncSave, model, entries, pinned: bool, bound: int, write):
-    """Bounded staging: the buffers are copied here; the returned work
-    takes the ring's memory (waiting for a save ahead), starts the producer
-    and writes what it hands over."""
-    ready = _buffers_now(model, entries)
-    caller_event = None
-    if pinned:
-        caller_event = torch.cuda.Event()
-        caller_event.record()
-
-    def work() -> str:
-        capacity = _staging.ring_bytes(entries, bound)
-        try:
-            buffer = _arena.acquire(capacity, pinned, save._abort)
-        except _staging.StagingCancelled:
-            raise _interrupted_at_exit() from None
-        try:
-            ring = _staging.StagingRing(entries, buffer, capacity, ready, caller_event)
-            save._ring = ring
-            if save._abort.is_set():
-                ring.stop(_interrupted_at_exit())
-
-            def produce() -> None:
-                try:
-                    ring.produce()
-                finally:
-                    save._snapshot.set()
-
-            producer = threading.Thread(target=produce, daemon=True,
-                                        name="trinity_stream_saver-async-staging")
-            producer.start()
-            try:
-                return write(ring)
-            finally:
-                # A failed write stops the producer; the memory is lent on
-                # only once nothing copies into it.
-                ring.stop()
-                producer.join()
-        finally:
-            _arena.release()
-
-    return work

@@ -217,6 +217,21 @@ def _save(model, save_directory, transport_type, storage_type, *, max_shard_size
     return written[part.coordinator]
 
 
+def storage_for(save_directory, storage_options: Optional[Mapping[str, Any]], part_size: int,
+                concurrency: int):
+    """The storage class of a destination: files in a folder, or objects
+    under a URL's prefix (with the object store's options)."""
+    if url_protocol(save_directory) is not None:
+        from .object_storage import object_storage
+
+        return object_storage(storage_options, part_size, concurrency)
+    if storage_options is not None:
+        raise ValueError(
+            f"storage_options applies to URLs (s3://...), but {save_directory!r} is a local path."
+        )
+    return ShardFiles
+
+
 def save_model_streaming(
     model: Union[torch.nn.Module, Mapping[str, torch.Tensor]],
     save_directory: Union[str, os.PathLike],
@@ -310,15 +325,7 @@ def save_model_streaming(
     """
     from .transport import PointToPoint
 
-    storage = ShardFiles
-    if url_protocol(save_directory) is not None:
-        from .object_storage import object_storage
-
-        storage = object_storage(storage_options, part_size, concurrency)
-    elif storage_options is not None:
-        raise ValueError(
-            f"storage_options applies to URLs (s3://...), but {save_directory!r} is a local path."
-        )
+    storage = storage_for(save_directory, storage_options, part_size, concurrency)
     return _save(model, save_directory, PointToPoint, storage, max_shard_size=max_shard_size,
                  filename_pattern=filename_pattern, metadata=metadata, dtype=dtype, fsync=fsync,
                  process_group=process_group, writer_ranks=writer_ranks, progress=progress)

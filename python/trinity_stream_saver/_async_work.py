@@ -1,20 +1,25 @@
-"""save_model_streaming_async across torch.distributed ranks.
+"""What save_model_streaming_async does on each rank: what it stages, and
+how the background save writes it. A single process is a group of one.
 
-At the call, on every rank (a collective, in the caller's program order):
+At the call (on every rank a collective, in the caller's program order):
 
-1. prepare: claim the folder, check the arguments, take the staging memory
-   (waiting for the save before to finish writing from it) and copy this
-   rank's share into it: its piece of every sharded tensor, and the whole
-   tensors (not DTensors, or replicated) that this rank writes. Then the
-   ranks compare outcomes over a gloo group of their own, so that a failure
-   on any rank fails every rank's Future at once instead of leaving the
-   others waiting in the background.
-2. The background thread runs the synchronous distributed save
-   (distributed.save._save) on the staged copies, over a second gloo group
-   used by these saves alone: its exchanges and sends never interleave
-   with the training's collectives, which go on meanwhile. Its failure
-   handling is the synchronous save's: any rank fails, every rank's Future
-   raises the same DistributedSaveError, and no index is written.
+1. prepare: claim the folder, check the arguments and take this rank's
+   share: its piece of every sharded tensor, and the whole tensors (not
+   DTensors, or replicated) that it writes. Full staging copies the share
+   into the staging memory now (waiting for the save before to finish
+   writing from it); bounded staging copies only the module's buffers now.
+   Then the ranks compare outcomes over a gloo group of their own, so that
+   a failure on any rank fails every rank's Future at once instead of
+   leaving the others waiting in the background.
+2. The background thread runs the synchronous save (distributed.save._save)
+   on stand-ins of the model: the staged copies, or (bounded staging)
+   placeholders whose tensors come through the staging ring as the writer
+   asks for them (_async_ring_feed). Across ranks it runs over a second
+   gloo group used by these saves alone: its exchanges and sends never
+   interleave with the training's collectives, which go on meanwhile. Its
+   failure handling is the synchronous save's: any rank fails, every
+   rank's Future raises the same DistributedSaveError, and no index is
+   written.
 
 Both groups are made once for a set of ranks and reused, as
 torch.distributed.checkpoint's async_save makes its gloo group once. The
@@ -27,6 +32,7 @@ all (a meta tensor stands in for it).
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from typing import NamedTuple, Optional
 
@@ -40,7 +46,6 @@ from .distributed import entries as state_dict
 from .distributed.assignment import Assignment, writer_ranks as checked_writer_ranks
 from .distributed.hf_config import config_files
 from .distributed.phases import Ranks, run_phase
-from .distributed.storage import ShardFiles
 
 
 class _Groups(NamedTuple):
@@ -78,6 +83,7 @@ class _Staged(NamedTuple):
     kind: str  # "piece": this rank's piece, sent; "whole": staged whole; "elsewhere": not here
     entry: Optional[_staging.StagedEntry]
     writer: int  # the rank that writes the entry
+    parameter: bool  # buffers (not parameters) are copied at the call
 
 
 def _kind(name: str, tensor: torch.Tensor, members: list[int]) -> str:
@@ -110,7 +116,14 @@ def _kind(name: str, tensor: torch.Tensor, members: list[int]) -> str:
 
 def _share(named, ranks: Ranks, dtype, writer_ranks, max_shard_size, filename_pattern
            ) -> list[_Staged]:
-    """What this rank stages of each entry, in state dict order."""
+    """What this rank stages of each entry, in state dict order. In a
+    single process every tensor is staged whole (a DTensor of a group of
+    one is its piece)."""
+    if ranks.size == 1:
+        checked_writer_ranks(writer_ranks, 1)
+        return [_Staged("whole", _staging.entry(name, tensor, saved_dtype(tensor.dtype, dtype)),
+                        0, isinstance(tensor, torch.nn.Parameter))
+                for name, tensor in named]
     import torch.distributed as dist
 
     members = dist.get_process_group_ranks(ranks.resolved_group)
@@ -123,14 +136,16 @@ def _share(named, ranks: Ranks, dtype, writer_ranks, max_shard_size, filename_pa
         kind = _kind(name, tensor, members)
         saved = saved_dtype(tensor.dtype, dtype)
         writer = writer_of[name]
+        parameter = isinstance(tensor, torch.nn.Parameter)
         if kind == "piece":
             share.append(_Staged(kind, _staging.entry(name, tensor._local_tensor, saved, tensor),
-                                 writer))
+                                 writer, parameter))
         elif writer == ranks.rank:
             local = tensor.to_local() if is_dtensor(tensor) else tensor
-            share.append(_Staged("whole", _staging.entry(name, local, saved, tensor), writer))
+            share.append(_Staged("whole", _staging.entry(name, local, saved, tensor), writer,
+                                 parameter))
         else:
-            share.append(_Staged("elsewhere", None, writer))
+            share.append(_Staged("elsewhere", None, writer, parameter))
     return share
 
 
@@ -143,13 +158,13 @@ def _stand_ins(named, share: list[_Staged], mesh, copies: Optional[dict] = None)
 
     copies = copies or {}
     staged = {}
-    for (name, tensor), (kind, entry, _) in zip(named, share):
+    for (name, tensor), (kind, entry, _, _) in zip(named, share):
         if kind == "elsewhere":
             staged[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
             continue
         local = copies.get(name)
         if local is None:
-            local = torch.empty(entry.tensor.shape, dtype=entry.dtype, device="meta")
+            local = torch.empty(tuple(entry.tensor.shape), dtype=entry.dtype, device="meta")
         if kind == "piece":
             local = DTensor.from_local(local, mesh, tensor.placements, run_check=False,
                                        shape=tensor.shape,
@@ -164,14 +179,20 @@ def _interrupted_on_this_rank() -> RuntimeError:
     return RuntimeError("the asynchronous save was interrupted at interpreter exit (Ctrl-C)")
 
 
-class _InterruptibleShardFiles(ShardFiles):
-    """The synchronous save's files, written from items that stop when the
-    save is stopped at exit."""
+class _Interruptible:
+    """A save's storage (storage.ShardFiles, object_storage.ShardObjects)
+    whose writer pulls items that stop when the save is stopped at exit."""
 
-    save = None  # set by _storage_for
+    def __init__(self, storage, save):
+        self._storage = storage
+        self._save = save
 
     def write(self, items) -> None:
-        super().write(_feed_writer(_interruptible(items, self.save, _interrupted_on_this_rank)))
+        self._storage.write(_feed_writer(_interruptible(items, self._save,
+                                                        _interrupted_on_this_rank)))
+
+    def __getattr__(self, name: str):
+        return getattr(self._storage, name)
 
 
 def _feed_writer(items):
@@ -179,66 +200,80 @@ def _feed_writer(items):
     return items
 
 
-def _storage_for(save) -> type:
-    return type("AsyncShardFiles", (_InterruptibleShardFiles,), {"save": save})
+def _interruptible_storage(storage_type, save):
+    return lambda *args, **kwargs: _Interruptible(storage_type(*args, **kwargs), save)
 
 
 def start(save, ranks: Ranks, model, directory: str, *, arena: _staging.StagingArena,
-          max_staging_bytes, check_options, dtype, metadata, writer_ranks, max_shard_size,
-          filename_pattern, fsync, progress) -> None:
-    """Stages this rank's share (all of it now, or through a ring of
-    `max_staging_bytes` in the background) and starts the background save;
-    its outcome reaches `save` (the Future). A failure at the call, on any
-    rank, fails every rank's Future with DistributedSaveError."""
-    groups = _groups_for(ranks)
+          check_options, dtype, writer_ranks, max_shard_size, filename_pattern,
+          storage_options, part_size: int, concurrency: int, **save_options) -> None:
+    """Takes this rank's share (all of it now, or, with bounded staging,
+    through a ring in the background) and starts the background save; its
+    outcome reaches `save` (the Future). A failure at the call, on any rank,
+    fails every rank's Future with DistributedSaveError; in a single
+    process a busy folder raises at once, other errors reach the Future.
+    `check_options()` checks the other arguments and returns the ring's
+    bytes (None: full staging)."""
+    from .distributed.save import storage_for
+
+    alone = ranks.size == 1
+    groups = None if alone else _groups_for(ranks)
     # What the call took (to give back on failure) and made (kept here:
     # the exchange carries only each rank's outcome).
-    held = {"claim": None, "arena": False}
+    held = {"claim": _claim(directory, save) if alone else None, "arena": False}
 
     def prepare():
-        held["claim"] = _claim(directory, save)
+        if not alone:
+            held["claim"] = _claim(directory, save)
         bound = check_options()
         if dtype is not None:
             check_cast_target(dtype)
+        held["storage"] = storage_for(directory, storage_options, part_size, concurrency)
         named = state_dict.entries(model)
         share = _share(named, ranks, dtype, writer_ranks, max_shard_size, filename_pattern)
-        held["config"] = config_files(model, dtype)
+        held["config"] = config_files(model, dtype)  # as it is now: training may change it
         entries = [staged.entry for staged in share if staged.entry is not None]
         pinned = _staging.needs_pinned_memory(entries)
+        mesh = None if alone else groups.mesh
         if bound is None:
             buffer = arena.acquire(_staging.full_staging_bytes(entries), pinned)
             held["arena"] = True
             copies, copied = _staging.stage_all(entries, buffer)
-            held["model"] = _stand_ins(named, share, groups.mesh, dict(copies))
+            held["model"] = _stand_ins(named, share, mesh, dict(copies))
             held["work"] = _written_from_copies(copied)
         else:
-            held["model"] = _stand_ins(named, share, groups.mesh)
+            held["model"] = _stand_ins(named, share, mesh)
             held["work"] = _written_through_ring(save, arena, model, share, entries, pinned,
                                                  bound, ranks.rank)
 
     def undo():
         if held["arena"]:
             arena.release()
+            held["arena"] = False
         if held["claim"] is not None:
             _unclaim(held["claim"])
 
     try:
-        run_phase(Ranks(groups.call), "staging for the asynchronous save", prepare, undo=undo)
+        run_phase(ranks if alone else Ranks(groups.call), "staging for the asynchronous save",
+                  prepare, undo=undo)
     except Exception as error:
         save._snapshot.set()
         save.set_exception(error)
         return
     except BaseException:
+        # A Ctrl-C during the call (waiting for the staging memory, or
+        # copying) stops the caller, as it would a synchronous save.
         undo()
         save._snapshot.set()
         raise
     if held["arena"]:
         save._snapshot.set()  # full staging: the copies are taken
     write = functools.partial(
-        _write, held.pop("model"), directory, _storage_for(save),
-        max_shard_size=max_shard_size, filename_pattern=filename_pattern, metadata=metadata,
-        dtype=dtype, fsync=fsync, process_group=groups.save, writer_ranks=writer_ranks,
-        progress=progress, config=held["config"])
+        _write, held.pop("model"), directory,
+        _interruptible_storage(held.pop("storage"), save), max_shard_size=max_shard_size,
+        filename_pattern=filename_pattern, dtype=dtype, writer_ranks=writer_ranks,
+        process_group=ranks.group if alone else groups.save, config=held.pop("config"),
+        **save_options)
     work = held.pop("work")
 
     def run() -> None:
@@ -252,7 +287,9 @@ def start(save, ranks: Ranks, model, directory: str, *, arena: _staging.StagingA
             undo()
             save.set_result(result)
 
-    _start(run, f"trinity_stream_saver-async-save:rank{ranks.rank}")
+    name = os.path.basename(os.path.normpath(directory))
+    _start(run, f"trinity_stream_saver-async-save:{name}" if alone else
+           f"trinity_stream_saver-async-save:{name}:rank{ranks.rank}")
 
 
 def _write(*args, **kwargs) -> str:
@@ -284,13 +321,16 @@ def _written_through_ring(save, arena, model, share, entries, pinned: bool, boun
     staged_share = [staged for staged in share if staged.entry is not None]
     plan = [Lent(index, staged.writer, tuple(staged.entry.tensor.shape), staged.entry.dtype)
             for index, staged in enumerate(share) if staged.entry is not None]
+    # A module's buffers (not parameters) are copied now: a training-mode
+    # forward pass changes some of them (BatchNorm's running statistics),
+    # and they are small. A state dict given as a mapping has no buffers.
     ready = {}
     if isinstance(model, torch.nn.Module):
         with torch.no_grad():
             for position, staged in enumerate(staged_share):
                 e = staged.entry
-                if staged.kind == "whole" and not isinstance(e.tensor, torch.nn.Parameter):
-                    ready[position] = e.tensor.detach().to("cpu", e.dtype, copy=True)
+                if staged.kind == "whole" and not staged.parameter:
+                    ready[position] = _staging._whole(e.tensor).to("cpu", e.dtype, copy=True)
     caller_event = None
     if pinned:
         caller_event = torch.cuda.Event()
