@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import statistics
@@ -40,7 +39,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from distributed_bench import _model  # noqa: E402
+from distributed_bench import _model, spawn_ranks  # noqa: E402
 from peak_memory import memory_baseline, peak_kib  # noqa: E402
 
 MIB = 1 << 20
@@ -119,7 +118,7 @@ def _rank(rank: int, world: int, method: str, root: str, layers: int) -> None:
                       "steps_during": len(during),
                       "step_during_s": statistics.median(during) if during else None})
     share = sum(p.to_local().nbytes for p in model.parameters()) / MIB
-    with open(os.path.join(root, f"rank{rank}.json"), "w") as file:
+    with open(os.path.join(root, f"{method}-rank{rank}.json"), "w") as file:
         json.dump({"saves": saves, "step_before_s": statistics.median(before),
                    "peak_growth_mib": (peak_kib() - baseline_kib) / 1024, "share_mib": share,
                    "step_transient_mib": step_mib,
@@ -132,21 +131,8 @@ def _rank(rank: int, world: int, method: str, root: str, layers: int) -> None:
 
 def run(method: str, world: int, directory: str, layers: int) -> list[dict]:
     root = tempfile.mkdtemp(prefix=f"tss-async-dist-{method}-", dir=directory)
-    context = multiprocessing.get_context("spawn")
-    ranks = [context.Process(target=_rank, args=(r, world, method, root, layers))
-             for r in range(world)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(900)
     try:
-        if any(process.exitcode != 0 for process in ranks):
-            raise RuntimeError(f"{method}: ranks exited with {[p.exitcode for p in ranks]}")
-        per_rank = []
-        for rank in range(world):
-            with open(os.path.join(root, f"rank{rank}.json")) as file:
-                per_rank.append(json.load(file))
-        return per_rank
+        return spawn_ranks(_rank, world, method, root, layers)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -171,23 +171,30 @@ def _rank(rank: int, world: int, method: str, root: str, folder: str, layers: in
     os._exit(0)  # gloo's teardown can abort at interpreter exit
 
 
-def run(method: str, world: int, directory: str, layers: int = 8) -> dict:
-    root = tempfile.mkdtemp(prefix=f"tss-dist-{method}-", dir=directory)
-    folder = os.path.join(root, "checkpoint")
+def spawn_ranks(target, world: int, method: str, root: str, *args) -> list[dict]:
+    """Runs target(rank, world, method, root, *args) in `world` fresh
+    processes; returns what each wrote to <root>/<method>-rank<N>.json."""
     context = multiprocessing.get_context("spawn")
-    ranks = [context.Process(target=_rank, args=(r, world, method, root, folder, layers))
+    ranks = [context.Process(target=target, args=(r, world, method, root, *args))
              for r in range(world)]
     for process in ranks:
         process.start()
     for process in ranks:
-        process.join(600)
+        process.join(900)
+    if any(process.exitcode != 0 for process in ranks):
+        raise RuntimeError(f"{method}: ranks exited with {[p.exitcode for p in ranks]}")
+    per_rank = []
+    for rank in range(world):
+        with open(os.path.join(root, f"{method}-rank{rank}.json")) as file:
+            per_rank.append(json.load(file))
+    return per_rank
+
+
+def run(method: str, world: int, directory: str, layers: int = 8) -> dict:
+    root = tempfile.mkdtemp(prefix=f"tss-dist-{method}-", dir=directory)
+    folder = os.path.join(root, "checkpoint")
     try:
-        if any(process.exitcode != 0 for process in ranks):
-            raise RuntimeError(f"{method}: ranks exited with {[p.exitcode for p in ranks]}")
-        per_rank = []
-        for rank in range(world):
-            with open(os.path.join(root, f"{method}-rank{rank}.json")) as file:
-                per_rank.append(json.load(file))
+        per_rank = spawn_ranks(_rank, world, method, root, folder, layers)
         return {
             "seconds": max(r["seconds"] for r in per_rank),
             "rank_seconds": [r["seconds"] for r in per_rank],
