@@ -42,7 +42,7 @@ def _interrupted_at_exit() -> KeyboardInterrupt:
     return KeyboardInterrupt("the asynchronous save was interrupted at interpreter exit")
 
 
-def _interruptible(items, save, interrupted=_interrupted_at_exit):
+def _interruptible(items, save, interrupted):
     """`items`, until a stop asked at exit (Ctrl-C, ``save._abort``): then
     `interrupted()` is raised between two tensors, and the writer aborts
     (the temporary files go, nothing is published)."""
