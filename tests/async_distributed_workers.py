@@ -180,6 +180,19 @@ def call_error_on_one_rank(rank, world, mesh, root):
     return dict(outcome(future, timeout=0), done_at_return=future.done())
 
 
+def two_dimensional_mesh(rank, world, mesh, root):
+    """A layout the asynchronous save does not stage: an error at the call,
+    on every rank, naming the tensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    grid = init_device_mesh("cpu", (1, world))
+    state = {"grid.weight": distribute_tensor(workers.full_tensor(1, (4, 6)), grid,
+                                              [Replicate(), Shard(0)])}
+    future = async_save(state, os.path.join(root, "mesh2d"))
+    return dict(outcome(future, timeout=0), done_at_return=future.done())
+
+
 def _abort_on_one_rank(rank, world, mesh, root, name, **mode):
     """The save is stopped on rank 1 (as the exit handler stops it on
     Ctrl-C) while its writer is held: every rank fails, nothing is
@@ -231,7 +244,8 @@ def busy_folder_and_queue(rank, world, mesh, root):
 SCENARIOS = {
     2: [snapshot_while_training, bounded_snapshot_while_training, tensor_parallel_and_replicated,
         failure_on_one_rank, call_error_on_one_rank, abort_on_one_rank,
-        bounded_abort_on_one_rank, bounded_step_too_early, busy_folder_and_queue],
+        bounded_abort_on_one_rank, bounded_step_too_early, busy_folder_and_queue,
+        two_dimensional_mesh],
     3: [snapshot_while_training, bounded_snapshot_while_training],
 }
 

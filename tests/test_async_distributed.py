@@ -119,3 +119,12 @@ def test_a_busy_folder_fails_at_once_and_another_folder_waits_for_the_memory(wor
     expected = folder_bytes(root / "expected")
     assert folder_bytes(root / "first") == expected
     assert folder_bytes(root / "third") == expected
+
+
+def test_a_two_dimensional_mesh_is_an_error_at_the_call_naming_the_tensor(world2):
+    for rank, record in enumerate(records(world2, "two_dimensional_mesh")):
+        assert record["done_at_return"], f"rank {rank} started a save"
+        assert record["error"]["type"] == "DistributedSaveError", record
+        assert "'grid.weight'" in record["error"]["message"]
+        assert "save_model_streaming" in record["error"]["message"]
+    assert not (world2[0] / "mesh2d").exists()
