@@ -153,9 +153,9 @@ def _stand_ins(named, share: list[_Staged], mesh, copies: Optional[dict] = None)
     """The state dict the background save writes: each entry's staged copy
     (`copies`, by name) or, where there is none (bounded staging, or a
     tensor another rank writes), a meta tensor of its dtype and shape;
-    as DTensors on `mesh` where they are pieces."""
-    from torch.distributed.tensor import DTensor
-
+    as DTensors on `mesh` where they are pieces (there are pieces only
+    across ranks, where torch.distributed.tensor is imported already: a
+    single process does not pay for importing it)."""
     copies = copies or {}
     staged = {}
     for (name, tensor), (kind, entry, _, _) in zip(named, share):
@@ -166,6 +166,8 @@ def _stand_ins(named, share: list[_Staged], mesh, copies: Optional[dict] = None)
         if local is None:
             local = torch.empty(tuple(entry.tensor.shape), dtype=entry.dtype, device="meta")
         if kind == "piece":
+            from torch.distributed.tensor import DTensor
+
             local = DTensor.from_local(local, mesh, tensor.placements, run_check=False,
                                        shape=tensor.shape,
                                        stride=torch.empty(tensor.shape, device="meta").stride())
@@ -292,12 +294,12 @@ def start(save, ranks: Ranks, model, directory: str, *, arena: _staging.StagingA
            f"trinity_stream_saver-async-save:{name}:rank{ranks.rank}")
 
 
-def _write(*args, **kwargs) -> str:
+def _write(model, directory: str, storage, **options) -> str:
+    """The synchronous save of the stand-ins, with its point-to-point transport."""
     from .distributed.save import _save
     from .distributed.transport import PointToPoint
 
-    model, directory, storage = args
-    return _save(model, directory, PointToPoint, storage, **kwargs)
+    return _save(model, directory, PointToPoint, storage, **options)
 
 
 def _written_from_copies(copied):
