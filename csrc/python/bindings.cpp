@@ -442,6 +442,8 @@ PYBIND11_MODULE(_C, m) {
           return tss::shard_file_metadata(plan, tss::metadata_from_python(metadata));
         }, py::arg("plan"), py::arg("metadata"),
         "The __metadata__ of each file of a sharded save.");
+  m.def("shard_filename", &tss::shard_filename, py::arg("pattern"), py::arg("number"),
+        py::arg("count"), "The name of file number of count (from 1) a save with pattern writes.");
   m.def("is_checkpoint_filename", &tss::is_checkpoint_filename, py::arg("pattern"),
         py::arg("filename"), "Whether a save with pattern writes a file of that name.");
   m.def("shard_index_json", [](const tss::ShardPlan& plan, py::handle metadata) {

@@ -102,4 +102,29 @@ def _finish_at_exit() -> None:
               "nothing of them was published.", file=sys.stderr)
 
 
+def _forget_in_child() -> None:
+    """A child forked while saves run (a DataLoader worker, multiprocessing
+    with fork) has none of their threads: it forgets the parent's saves,
+    so that it exits at once instead of waiting for them, and takes fresh
+    locks, which the fork may have copied while held."""
+    global _running_lock
+    saving = bool(_threads or _running)  # (threading marked them stopped already)
+    _running_lock = threading.Lock()
+    _running.clear()
+    _threads.clear()
+    if saving:
+        # A module a save's thread was importing at the fork (ours, or
+        # torch.distributed's that a save imports when it runs) stays half
+        # initialized in the child, where that thread does not exist:
+        # dropped, it is imported afresh when the child needs it.
+        for name, module in list(sys.modules.items()):
+            if (name.startswith(_IMPORTED_BY_SAVES)
+                    and getattr(getattr(module, "__spec__", None), "_initializing", False)):
+                del sys.modules[name]
+
+
+_IMPORTED_BY_SAVES = ("trinity_stream_saver.", "torch.distributed.")
+
+
 atexit.register(_finish_at_exit)
+os.register_at_fork(after_in_child=_forget_in_child)

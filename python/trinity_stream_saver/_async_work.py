@@ -77,6 +77,16 @@ def _groups_for(ranks: Ranks) -> _Groups:
         return found
 
 
+def _forget_groups_in_child() -> None:
+    # A forked child is no member of the parent's groups.
+    global _groups_lock
+    _groups_lock = threading.Lock()
+    _groups.clear()
+
+
+os.register_at_fork(after_in_child=_forget_groups_in_child)
+
+
 class _Staged(NamedTuple):
     """How one entry reaches the background save on this rank."""
 
@@ -271,7 +281,7 @@ def start(save, ranks: Ranks, model, directory: str, *, arena: _staging.StagingA
     if held["arena"]:
         save._snapshot.set()  # full staging: the copies are taken
     write = functools.partial(
-        _write, held.pop("model"), directory,
+        _writer(), held.pop("model"), directory,
         _interruptible_storage(held.pop("storage"), save), max_shard_size=max_shard_size,
         filename_pattern=filename_pattern, dtype=dtype, writer_ranks=writer_ranks,
         process_group=ranks.group if alone else groups.save, config=held.pop("config"),
@@ -294,12 +304,19 @@ def start(save, ranks: Ranks, model, directory: str, *, arena: _staging.StagingA
            f"trinity_stream_saver-async-save:{name}:rank{ranks.rank}")
 
 
-def _write(model, directory: str, storage, **options) -> str:
-    """The synchronous save of the stand-ins, with its point-to-point transport."""
+def _writer():
+    """The synchronous save of the stand-ins, with its point-to-point
+    transport: (model, directory, storage, **options) -> path. Imported
+    here, on the caller's thread: a module half imported by the background
+    thread when the process forks stays half imported in the child, whose
+    own saves would then fail to import it."""
     from .distributed.save import _save
     from .distributed.transport import PointToPoint
 
-    return _save(model, directory, PointToPoint, storage, **options)
+    def write(model, directory: str, storage, **options) -> str:
+        return _save(model, directory, PointToPoint, storage, **options)
+
+    return write
 
 
 def _written_from_copies(copied):
@@ -332,7 +349,7 @@ def _written_through_ring(save, arena, model, share, entries, pinned: bool, boun
             for position, staged in enumerate(staged_share):
                 e = staged.entry
                 if staged.kind == "whole" and not staged.parameter:
-                    ready[position] = _staging._whole(e.tensor).to("cpu", e.dtype, copy=True)
+                    ready[position] = _staging.copied_now(e)
     caller_event = None
     if pinned:
         caller_event = torch.cuda.Event()

@@ -202,7 +202,7 @@ def save_sharded_to_store(
     storage_options: Optional[Mapping[str, Any]], part_size: int, concurrency: int,
 ) -> str:
     """The object-store branch of save_sharded_streaming."""
-    store, prefix = open_store(url.rstrip("/"), storage_options)
+    store, prefix = open_store(url, storage_options, prefix=True)
     prefix += "/"
     with _StoreSave(store, part_size, concurrency) as save:
         upload_files(save, prefix, plan, list(plan.filename_to_tensors), tensor_iter, metadata)
@@ -261,24 +261,48 @@ def upload_files(save: _StoreSave, prefix: str, plan, files: list, tensor_iter: 
 
 
 def publish_index(store: Store, prefix: str, plan, metadata) -> str:
-    """Once every file of `plan` is in place under `prefix`: the index
-    (when sharded), then an older checkpoint's objects that it does not
-    name deleted. Returns the URL of the index, or of the single file."""
+    """Once every file of `plan` is in place under `prefix`: the folder
+    save's order (CheckpointFinisher). First an older single file that
+    loaders prefer to any index is deleted (a failure stops here, the new
+    index unwritten: loaders still read the older checkpoint whole); then
+    the index (when sharded); then the older checkpoint's other objects
+    that it does not name. Returns the URL of the index, or of the single
+    file."""
     files = list(plan.filename_to_tensors)
     keep = set(files)
     result = store.url(prefix + files[0])
+    listed = store.sizes(prefix)
     if plan.is_sharded:
+        single = _C.shard_filename(plan.filename_pattern, 1, 1)
+        if single in listed and single not in keep:
+            try:
+                store.delete([prefix + single])
+            except OSError as error:
+                raise OSError(
+                    error.errno,
+                    f"{error.strerror or error}; it is an older single-file checkpoint, which "
+                    f"loaders prefer to an index, so the new index was not written and loaders "
+                    f"still read the older checkpoint at {store.url(prefix)}. Delete "
+                    f"{store.url(prefix + single)} (or give it up by hand) and save again.",
+                ) from error
         store.put(prefix + plan.index_filename, _C.shard_index_json(plan._plan, metadata))
         keep.add(plan.index_filename)
         result = store.url(prefix + plan.index_filename)
-    # As for folders: an older checkpoint's objects that the new index does
-    # not name would confuse loaders (an old single file beside the index,
-    # shards of another count).
+    # An older checkpoint's objects the new index does not name (shards of
+    # another count): harmless to loaders, which follow the index.
     stale = [
         prefix + name
-        for name in store.sizes(prefix)
+        for name in listed
         if name not in keep and _C.is_checkpoint_filename(plan.filename_pattern, name)
     ]
     if stale:
-        store.delete(stale)
+        try:
+            store.delete(stale)
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"{error.strerror or error}; the new checkpoint at {store.url(prefix)} is "
+                "complete and is the one loaders read; only unused objects of the older "
+                "checkpoint remain: delete them by hand.",
+            ) from error
     return result

@@ -14,14 +14,22 @@ None) and ``read`` (a range of bytes).
 
 from __future__ import annotations
 
+import errno
 import io
 import re
 import threading
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from ._store_requests import Requests, check_timeout, reply_error
+
 #: A URL's scheme, as RFC 3986 spells it (a Windows drive "C:\\" has no "//").
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.DOTALL)
+
+#: A first path component that starts as a scheme does ("s3:", "s3:bucket",
+#: "gs:"): a URL with a slash too few, or none, which would otherwise
+#: become a local folder named "s3:".
+_SCHEME_LIKE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 
 _S3_PROTOCOLS = ("s3", "s3a")
 
@@ -30,40 +38,68 @@ S3_MAX_PARTS = 10_000
 S3_MIN_PART_SIZE = 5 << 20
 
 
-def url_protocol(path: object) -> Optional[str]:
+def url_protocol(path: object, argument: str = "path") -> Optional[str]:
     """The protocol of a URL such as ``s3://bucket/key`` (lower case), or
-    None for a local path."""
+    None for a local path. This is the one place that tells a URL from a
+    local path: every save and command asks it.
+
+    Raises ValueError for what is almost surely a mistyped URL, rather than
+    writing a local folder of that name: white space around a URL, or a
+    first component that starts like a scheme ("s3:/bucket/run",
+    "s3:bucket"). A local name of that shape is written "./s3:..."."""
     if not isinstance(path, str):
         return None
     match = _URL.match(path)
-    return match.group(1).lower() if match else None
+    if match and path == path.strip():
+        return match.group(1).lower()
+    stripped = path.strip()
+    if stripped != path and (_URL.match(stripped) or _SCHEME_LIKE.match(stripped)):
+        raise ValueError(
+            f"{argument} {path!r} has white space around a URL; did you mean {stripped!r}? "
+            "Remove the white space."
+        )
+    scheme = _SCHEME_LIKE.match(path)
+    if scheme:
+        likely = f"{scheme.group(1)}://{path[scheme.end():].lstrip('/')}"
+        raise ValueError(
+            f"{argument} {path!r} looks like a mistyped URL; did you mean {likely!r}? "
+            f"A URL is written {scheme.group(1)}://...; for a local file or folder of this "
+            f"name write './{path}'."
+        )
+    return None
 
 
-def check_url(url: str) -> None:
-    """Raises ValueError unless `url` names an object (a prefix is named
-    without its last "/") of a protocol an installed library knows,
-    ImportError naming what to install; connects to nothing."""
+def check_url(url: str, *, prefix: bool = False) -> None:
+    """Raises ValueError unless `url` names an object (or, with `prefix`,
+    a prefix: a trailing "/" is allowed) of a protocol an installed library
+    knows, ImportError naming what to install; connects to nothing."""
     protocol = url_protocol(url)
-    assert protocol is not None, url
+    if protocol is None:
+        raise ValueError(f"{url!r} is not a URL (protocol://...).")
     if protocol in _S3_PROTOCOLS:
         bucket, _, key = _URL.match(url).group(2).partition("/")
+        if prefix:
+            key = key.rstrip("/")
         if not bucket or not key or key.endswith("/"):
-            raise ValueError(
-                f"{url!r} does not name an object: give s3://bucket/key "
-                "(e.g. s3://bucket/checkpoints/model.safetensors)."
-            )
+            what = "prefix: give s3://bucket/prefix (e.g. s3://bucket/checkpoints/step-1000)" \
+                if prefix else "object: give s3://bucket/key (e.g. s3://bucket/checkpoints/model.safetensors)"
+            raise ValueError(f"{url!r} does not name an {what}.")
         return
     _fsspec_class(url, protocol)
 
 
-def open_store(url: str, storage_options: Optional[Mapping[str, Any]]) -> tuple["Store", str]:
-    """The store a URL names and the key within it. Raises as check_url
-    does, and TypeError for storage_options that are not a dict."""
+def open_store(url: str, storage_options: Optional[Mapping[str, Any]], *,
+               prefix: bool = False) -> tuple["Store", str]:
+    """The store a URL names and the key (or, with `prefix`, the prefix,
+    without its trailing "/") within it. Raises as check_url does, and
+    TypeError for storage_options that are not a dict."""
     if storage_options is not None and not isinstance(storage_options, Mapping):
         raise TypeError(
             f"storage_options must be a dict, not {type(storage_options).__name__}."
         )
-    check_url(url)
+    check_url(url, prefix=prefix)
+    if prefix:
+        url = url.rstrip("/")
     protocol = url_protocol(url)
     options = dict(storage_options or {})
     if protocol in _S3_PROTOCOLS:
@@ -103,6 +139,19 @@ _CLIENT_ARGUMENTS = {
     "verify",
     "use_ssl",
 }
+#: Keys of storage_options that shape botocore's Config, and the save's own.
+_CONFIG_KEYS = {"config", "connect_timeout", "read_timeout", "retries"}
+_SAVE_KEYS = {"client_kwargs", "profile", "timeout"}
+
+
+def default_retries() -> int:
+    """Attempts per request: AWS_MAX_ATTEMPTS where set (as boto3 reads
+    it), else 5. A closed port fails after them, for every save and
+    command alike."""
+    import os
+
+    text = os.environ.get("AWS_MAX_ATTEMPTS", "")
+    return int(text) if text.isdigit() and int(text) > 0 else 5
 
 
 def _s3_client(options: dict[str, Any], connections: int):
@@ -115,22 +164,42 @@ def _s3_client(options: dict[str, Any], connections: int):
         ) from error
     arguments: dict[str, Any] = dict(options.pop("client_kwargs", None) or {})
     profile = options.pop("profile", None)
-    retries = options.pop("retries", 5)
+    options.pop("timeout", None)  # the save's deadline: see _store_requests
+    given = [options.pop("config", None), arguments.pop("config", None)]
+    retries = options.pop("retries", None)
+    timeouts = {name: options.pop(name) for name in ("connect_timeout", "read_timeout")
+                if name in options}
     for name, value in options.items():
         name = _S3FS_NAMES.get(name, name)
         if name not in _CLIENT_ARGUMENTS:
             raise ValueError(
                 f"storage_options key {name!r} is not known for s3://; use "
-                f"{sorted(_CLIENT_ARGUMENTS | set(_S3FS_NAMES) | {'client_kwargs', 'profile', 'retries'})}."
+                f"{sorted(_CLIENT_ARGUMENTS | set(_S3FS_NAMES) | _CONFIG_KEYS | _SAVE_KEYS)}."
             )
         arguments[name] = value
     # Credentials, region and endpoint (AWS_ENDPOINT_URL) come from the
     # standard environment and config files unless given here. Standard
-    # retries (throttling, 5xx, broken connections) before a part fails.
+    # retries (throttling, 5xx, broken connections) before a part fails;
+    # a user's Config (storage_options "config", or client_kwargs') is
+    # merged over ours, and the explicit keys over both.
     config = Config(
-        retries={"max_attempts": int(retries), "mode": "standard"},
+        retries={"max_attempts": default_retries(), "mode": "standard"},
         max_pool_connections=max(10, connections),
     )
+    for user_config in given:
+        if user_config is None:
+            continue
+        if not isinstance(user_config, Config):
+            raise TypeError(f"storage_options 'config' must be a botocore.config.Config, not "
+                            f"{type(user_config).__name__}.")
+        config = config.merge(user_config)
+    if retries is not None:
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 1:
+            raise ValueError(f"storage_options 'retries' must be an int of at least 1 "
+                             f"(attempts per request), not {retries!r}.")
+        config = config.merge(Config(retries={"max_attempts": retries, "mode": "standard"}))
+    if timeouts:
+        config = config.merge(Config(**timeouts))
     return boto3.session.Session(profile_name=profile).client("s3", config=config, **arguments)
 
 
@@ -172,96 +241,128 @@ class _PartBody(io.RawIOBase):
         return len(chunk)
 
 
+def _field(response: Any, name: str, what: str) -> Any:
+    """`response[name]`, or an OSError saying which reply lacked it."""
+    if not isinstance(response, Mapping) or not response.get(name):
+        raise reply_error(what, f"has no {name}")
+    return response[name]
+
+
 class _S3Upload:
     """One multipart upload."""
 
-    def __init__(self, client, bucket: str, key: str) -> None:
-        self._client = client
-        self._target = {"Bucket": bucket, "Key": key}
-        self._id = client.create_multipart_upload(**self._target)["UploadId"]
+    def __init__(self, store: "S3Store", key: str) -> None:
+        self._store = store
+        self._url = store.url(key)
+        self._target = {"Bucket": store.bucket, "Key": key}
+        client = store.client
+        what = f"CreateMultipartUpload of {self._url}"
+        self._id = _field(store.requests.call(what, client.create_multipart_upload,
+                                              **self._target), "UploadId", what)
         self._etags: dict[int, str] = {}
         self._lock = threading.Lock()
 
     def upload_part(self, number: int, data: memoryview) -> None:
-        response = self._client.upload_part(
-            **self._target, UploadId=self._id, PartNumber=number, Body=_PartBody(data)
-        )
+        what = f"UploadPart {number} of {self._url}"
+        response = self._store.requests.call(
+            what, self._store.client.upload_part, **self._target, UploadId=self._id,
+            PartNumber=number, Body=_PartBody(data))
+        etag = _field(response, "ETag", what)
         with self._lock:
-            self._etags[number] = response["ETag"]
+            self._etags[number] = etag
 
     def complete(self) -> None:
         parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
-        self._client.complete_multipart_upload(
-            **self._target, UploadId=self._id, MultipartUpload={"Parts": parts}
-        )
+        self._store.requests.call(
+            f"CompleteMultipartUpload of {self._url}", self._store.client.complete_multipart_upload,
+            **self._target, UploadId=self._id, MultipartUpload={"Parts": parts})
 
     def abort(self) -> None:
-        self._client.abort_multipart_upload(**self._target, UploadId=self._id)
+        self._store.requests.call_to_clean_up(
+            f"AbortMultipartUpload of {self._url}", self._store.client.abort_multipart_upload,
+            **self._target, UploadId=self._id)
 
 
 class S3Store(Store):
-    """A bucket, through boto3: one client (thread-safe) for every upload."""
+    """A bucket, through boto3: one client (thread-safe) for every upload;
+    every request through `requests` (the save's deadline, errors that
+    name the request)."""
 
     min_part_size = S3_MIN_PART_SIZE
     max_parts = S3_MAX_PARTS
 
     def __init__(self, bucket: str, options: dict[str, Any], prefix: str) -> None:
         self._options = options
-        self._bucket = bucket
+        self.bucket = bucket
         self.prefix = prefix
-        self._client = None
+        self.client = None
+        self.requests = Requests(check_timeout(options.get("timeout")))
 
     def connect(self, connections: int) -> None:
         """Makes the client, with a connection for each upload in flight."""
-        self._client = _s3_client(dict(self._options), connections)
+        self.client = self.requests.call(f"making the S3 client for {self.prefix}", _s3_client,
+                                         options=dict(self._options), connections=connections)
 
     def start(self, key: str) -> _S3Upload:
-        return _S3Upload(self._client, self._bucket, key)
+        return _S3Upload(self, key)
 
     def put(self, key: str, data: bytes) -> None:
-        self._client.put_object(Bucket=self._bucket, Key=key, Body=data)
+        self.requests.call(f"PutObject of {self.url(key)}", self.client.put_object,
+                           Bucket=self.bucket, Key=key, Body=data)
 
     def sizes(self, prefix: str) -> dict[str, int]:
-        found = {}
-        pages = self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self._bucket, Prefix=prefix, Delimiter="/"
-        )
-        for page in pages:
-            for entry in page.get("Contents", []):
-                found[entry["Key"][len(prefix):]] = entry["Size"]
-        return found
+        what = f"ListObjectsV2 of {self.url(prefix)}"
+
+        def listing() -> dict[str, int]:
+            found = {}
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+            )
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    if "Key" not in entry or "Size" not in entry:
+                        raise reply_error(what, "lists an object without its key or size")
+                    found[entry["Key"][len(prefix):]] = entry["Size"]
+            return found
+
+        return self.requests.call(what, listing)
 
     def size(self, key: str) -> Optional[int]:
-        from botocore.exceptions import ClientError
-
+        what = f"HeadObject of {self.url(key)}"
         try:
-            return self._client.head_object(Bucket=self._bucket, Key=key)["ContentLength"]
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
+            response = self.requests.call(what, self.client.head_object, Bucket=self.bucket,
+                                          Key=key)
+        except FileNotFoundError:
+            return None
+        if not isinstance(response.get("ContentLength"), int):
+            raise reply_error(what, "has no ContentLength")
+        return response["ContentLength"]
 
     def read(self, key: str, start: int, length: int) -> bytes:
         """Bytes [start, start + length) of the object, by one ranged GET
         (fewer at its end)."""
         if length <= 0:
             return b""
-        response = self._client.get_object(
-            Bucket=self._bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
-        )
-        return response["Body"].read()
+        return self.requests.call(
+            f"GetObject of {self.url(key)} (bytes {start}-{start + length - 1})",
+            lambda: self.client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
+            )["Body"].read())
 
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):  # DeleteObjects takes 1000 keys
-            response = self._client.delete_objects(
-                Bucket=self._bucket,
-                Delete={"Objects": [{"Key": key} for key in keys[start:start + 1000]]},
+            batch = keys[start:start + 1000]
+            response = self.requests.call(
+                f"DeleteObjects of {self.url(batch[0])} and {len(batch) - 1} more",
+                self.client.delete_objects, Bucket=self.bucket,
+                Delete={"Objects": [{"Key": key} for key in batch]},
             )
             if response.get("Errors"):
                 error = response["Errors"][0]
                 raise OSError(
-                    f"could not delete {self.url(error['Key'])} ({error.get('Message')}); "
-                    "the new checkpoint is complete, delete the object by hand."
+                    errno.EACCES if error.get("Code") == "AccessDenied" else errno.EIO,
+                    f"could not delete {self.url(error.get('Key', '?'))} "
+                    f"({error.get('Code')}: {error.get('Message')})."
                 )
 
 

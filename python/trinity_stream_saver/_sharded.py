@@ -158,7 +158,7 @@ def save_sharded_streaming(
         tensor_iter = _counted(tensor_iter, bar)
     try:
         # ---- object storage (see _object_save) ----
-        if url_protocol(directory) is not None:
+        if url_protocol(directory, "save_directory") is not None:
             return save_sharded_to_store(
                 tensor_iter, directory, plan, extra, storage_options, part_size, concurrency
             )

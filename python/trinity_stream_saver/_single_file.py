@@ -122,7 +122,7 @@ def save_safetensors_streaming(
         tensor_iter = _counted(tensor_iter, bar)
     try:
         # ---- object storage (see _object_save) ----
-        if url_protocol(path) is not None:
+        if url_protocol(path, "filepath") is not None:
             if not rename:
                 raise ValueError(
                     f"rename=False leaves a temporary local file; {path!r} is an object, which "
@@ -210,3 +210,14 @@ def _finalizer() -> concurrent.futures.ThreadPoolExecutor:
                 max_workers=1, thread_name_prefix="trinity_stream_saver-finalize"
             )
         return _finalizer_pool
+
+
+def _forget_finalizer_in_child() -> None:
+    """A forked child has no thread of the parent's pool: a finalization
+    submitted there would wait forever. It makes its own on first use."""
+    global _finalizer_lock, _finalizer_pool
+    _finalizer_lock = threading.Lock()
+    _finalizer_pool = None
+
+
+os.register_at_fork(after_in_child=_forget_finalizer_in_child)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import os
 import threading
+import weakref
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -116,6 +118,12 @@ class StagingArena:
     def __init__(self):
         self._lock = threading.Lock()
         self._buffer: Optional[torch.Tensor] = None
+        _arenas.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's save that held the buffer has no thread here: the
+        # child's own saves must not wait for it.
+        self._lock = threading.Lock()
 
     def acquire(self, nbytes: int, pinned: bool,
                 cancelled: Optional[threading.Event] = None) -> torch.Tensor:
@@ -139,8 +147,61 @@ class StagingArena:
         self._lock.release()
 
 
+_arenas: "weakref.WeakSet[StagingArena]" = weakref.WeakSet()
+
+
+def _reset_arenas_in_child() -> None:
+    for arena in list(_arenas):
+        arena._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reset_arenas_in_child)
+
+
 def _view(buffer: torch.Tensor, offset: int, e: StagedEntry) -> torch.Tensor:
     return buffer[offset: offset + e.nbytes].view(e.dtype).view(e.tensor.shape)
+
+
+def _has_its_memory(tensor: torch.Tensor) -> bool:
+    """Whether the storage still holds every element the tensor views: FSDP
+    frees a parameter's storage between uses (``untyped_storage().resize_(0)``),
+    and a copy from it would read freed memory (a crash, not an error)."""
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return True
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+    needed = (tensor.storage_offset() + extent) * tensor.element_size()
+    return tensor.untyped_storage().nbytes() >= needed
+
+
+def _check_memory(name: str, tensor: torch.Tensor) -> None:
+    """Raises the synchronous save's error for a tensor that lost its memory."""
+    if not _has_its_memory(tensor):
+        raise ValueError(
+            f"tensor {name!r} has lost its memory: its storage was freed or shrunk "
+            "(e.g. untyped_storage().resize_(0), as FSDP does between uses) before the "
+            "asynchronous save copied it. Save while its storage is allocated (after "
+            "the forward and backward passes, not inside them), or wait for "
+            "future.wait_for_snapshot() before freeing it."
+        )
+
+
+def _copy_entry(view: torch.Tensor, e: StagedEntry) -> torch.Tensor:
+    """Copies entry `e` into `view` at this moment, after checking that
+    its memory is still there; returns the tensor copied from."""
+    _check_memory(e.name, _source(e.tensor))
+    source = _whole(e.tensor)
+    _check_memory(e.name, source)
+    _copy(view, source)
+    return source
+
+
+def copied_now(e: StagedEntry) -> torch.Tensor:
+    """A CPU copy of entry `e` made now, outside the staging memory (a
+    module's buffers, which a forward pass may change, at the call)."""
+    _check_memory(e.name, _source(e.tensor))
+    source = _whole(e.tensor)
+    _check_memory(e.name, source)
+    return source.to("cpu", e.dtype, copy=True)
 
 
 def _copy(view: torch.Tensor, source: torch.Tensor) -> None:
@@ -186,9 +247,8 @@ def stage_all(entries: Sequence[StagedEntry], buffer: torch.Tensor
     with torch.no_grad():
         for e in entries:
             view = _view(buffer, offset, e)
-            source = _whole(e.tensor)
+            source = _copy_entry(view, e)
             on_gpu = on_gpu or source.device.type == "cuda"
-            _copy(view, source)
             staged.append((e.name, view))
             offset += _aligned(e.nbytes)
     copied = None
@@ -248,13 +308,12 @@ class StagingRing:
                 offset = self._allocate(size)
                 view = _view(self._buffer, offset, e)
                 with torch.no_grad():
-                    source = _whole(e.tensor)
-                    if source.device.type == "cuda":
+                    if _source(e.tensor).device.type == "cuda":
                         with torch.cuda.stream(stream):
-                            _copy(view, source)
+                            _copy_entry(view, e)
                         stream.synchronize()
                     else:
-                        _copy(view, source)
+                        _copy_entry(view, e)
                 _check_unchanged(e)
                 self._hand_over(e.name, view, size > 0)
             with self._condition:

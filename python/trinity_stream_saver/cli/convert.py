@@ -48,13 +48,13 @@ def convert(
     storage prefix, given a URL); returns the path of the index (or of the
     single file). A failed conversion leaves the destination as it was (a
     folder it created is removed again)."""
-    if url_protocol(source) is not None:
+    if url_protocol(os.fspath(source), "SRC") is not None:
         raise CheckpointError(
             f"{source}: convert reads a local checkpoint; download it first (inspect and "
             "verify read object storage)."
         )
     checkpoint = open_checkpoint(source)
-    remote = url_protocol(destination) is not None
+    remote = url_protocol(os.fspath(destination), "DST") is not None
     folder = None if remote else Path(destination)
     if not remote:
         _refuse_overlap(checkpoint, folder)
@@ -116,7 +116,7 @@ def _convert_into_store(checkpoint: Checkpoint, tensors, url: str, meta, max_sha
     uploads. fsync does not apply: an object is durable once completed."""
     from .._object_store import open_store
 
-    store, prefix = open_store(url.rstrip("/"), None)
+    store, prefix = open_store(url, None, prefix=True)
     store.connect(1)
     staged = []
     try:

@@ -30,12 +30,12 @@ _TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_TO_SAFETENSORS.items()}
 
 def as_path(text: Union[str, Path]) -> Union[Path, "ObjectPath"]:
     """An ObjectPath for a URL, else a pathlib.Path."""
-    if url_protocol(text) is None:
+    if url_protocol(str(text), "PATH") is None:
         return Path(text)
     from .checkpoint import CheckpointError
 
     try:
-        store, key = open_store(str(text).rstrip("/"), None)
+        store, key = open_store(str(text), None, prefix=True)
         store.connect(4)
     except ImportError as error:
         raise CheckpointError(f"{text}: {error}") from None

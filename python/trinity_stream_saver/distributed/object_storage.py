@@ -40,7 +40,7 @@ class ShardObjects:
         self._plan = plan
         self._filenames = filenames
         self._metadata = metadata
-        self._store, prefix = open_store(url.rstrip("/"), storage_options)
+        self._store, prefix = open_store(url, storage_options, prefix=True)
         self._prefix = prefix + "/"
         self._uploads = _StoreSave(self._store, part_size, concurrency)
 

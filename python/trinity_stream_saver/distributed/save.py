@@ -95,9 +95,9 @@ class _RankSave:
         # A URL (s3://bucket/prefix) is a prefix in object storage: no
         # folder to make or lock. An unknown protocol fails here, on every
         # rank, before anything is written.
-        self.is_url = url_protocol(self.directory) is not None
+        self.is_url = url_protocol(self.directory, "save_directory") is not None
         if self.is_url:
-            check_url(self.directory.rstrip("/"))
+            check_url(self.directory, prefix=True)
         if dtype is not None:
             check_cast_target(dtype)
         self.dtype = dtype
@@ -221,7 +221,7 @@ def storage_for(save_directory, storage_options: Optional[Mapping[str, Any]], pa
                 concurrency: int):
     """The storage class of a destination: files in a folder, or objects
     under a URL's prefix (with the object store's options)."""
-    if url_protocol(save_directory) is not None:
+    if url_protocol(os.fspath(save_directory), "save_directory") is not None:
         from .object_storage import object_storage
 
         return object_storage(storage_options, part_size, concurrency)
