@@ -9,6 +9,7 @@ import http.client
 import http.server
 import socket
 import threading
+import time
 import uuid
 from typing import Callable, NamedTuple, Optional
 
@@ -80,17 +81,34 @@ def bucket(moto_endpoint, monkeypatch) -> Bucket:
     return Bucket(client, name)
 
 
+class Reply(NamedTuple):
+    """A reply the proxy sends: status, headers (name, value) and body."""
+
+    status: int
+    headers: list
+    body: bytes
+
+
 class FaultyProxy:
     """Forwards HTTP requests to `upstream` (host, port), except that a
     request for which `fail(method, path_and_query)` is true gets a 500
-    InternalError reply without being forwarded. Counts the failures, and
-    the bytes of the response bodies it forwards (`served`)."""
+    InternalError reply without being forwarded (or, if it returns a
+    Reply, that reply). Counts the failures, and
+    the bytes of the response bodies it forwards (`served`).
 
-    def __init__(self, upstream: tuple[str, int], fail: Callable[[str, str], bool]) -> None:
+    `edit(method, path, reply)` may return another Reply to send instead of
+    the upstream's (a hostile server), and `dribble(method, path)` a number
+    of seconds to wait before each byte of the body (a slow one)."""
+
+    def __init__(self, upstream: tuple[str, int], fail: Callable[[str, str], bool],
+                 edit: Optional[Callable[[str, str, Reply], Optional[Reply]]] = None,
+                 dribble: Optional[Callable[[str, str], float]] = None) -> None:
         self.failures = 0
         self.served = 0
         self._lock = threading.Lock()
         self.fail = fail
+        self.edit = edit
+        self.dribble = dribble
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -118,7 +136,17 @@ class FaultyProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                if proxy.fail(self.command, self.path):
+                failure = proxy.fail(self.command, self.path)
+                if isinstance(failure, Reply):  # an answer of the test's, not forwarded
+                    proxy.failures += 1
+                    self.send_response(failure.status)
+                    for key, value in failure.headers:
+                        self.send_header(key, value)
+                    self.send_header("Content-Length", str(len(failure.body)))
+                    self.end_headers()
+                    self.wfile.write(failure.body)
+                    return
+                if failure:
                     proxy.failures += 1
                     reply = (
                         b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InternalError"
@@ -139,18 +167,29 @@ class FaultyProxy:
                     data = response.read()
                 finally:
                     connection.close()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
+                reply = Reply(response.status, response.getheaders(), data)
+                if proxy.edit is not None:
+                    reply = proxy.edit(self.command, self.path, reply) or reply
+                self.send_response(reply.status)
+                for key, value in reply.headers:
                     if key.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(key, value)
                 # A HEAD reply has no body but the object's length.
-                length = response.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", length or str(len(data)))
+                length = dict((k.lower(), v) for k, v in reply.headers).get("content-length") \
+                    if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(reply.body)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(data)
+                    pause = proxy.dribble(self.command, self.path) if proxy.dribble else 0
+                    if pause:
+                        for position in range(len(reply.body)):
+                            self.wfile.write(reply.body[position:position + 1])
+                            self.wfile.flush()
+                            time.sleep(pause)
+                    else:
+                        self.wfile.write(reply.body)
                     with proxy._lock:
-                        proxy.served += len(data)
+                        proxy.served += len(reply.body)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

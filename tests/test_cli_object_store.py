@@ -191,3 +191,64 @@ def test_convert_then_verify_against_s3_in_fresh_interpreters_with_only_the_aws_
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert verified.stdout.startswith(f"OK {bucket.url('run')}: ")
     assert bucket.pending_uploads() == []
+
+
+# ---- an unreachable store, and no credentials ------------------------------------
+
+
+def unreachable(monkeypatch, attempts: int = 2) -> None:
+    """The AWS environment pointing at a closed port, with `attempts`
+    attempts per request (the standard AWS_MAX_ATTEMPTS)."""
+    from s3_helpers import free_port, s3_environment
+
+    for key, value in s3_environment(f"http://127.0.0.1:{free_port()}").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", str(attempts))
+
+
+def one_error_line(result, prog: str = "python -m trinity_stream_saver") -> str:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr
+    return lines[0]
+
+
+def test_convert_to_a_closed_port_fails_with_one_error_line_in_bounded_time(source, monkeypatch):
+    import time
+
+    unreachable(monkeypatch)
+    started = time.monotonic()
+    result = run_cli_subprocess("convert", source, "s3://bucket/out", "--no-progress")
+    line = one_error_line(result)
+    assert "of s3://bucket/out/" in line and "Could not connect" in line, line
+    # A fresh interpreter imports torch (seconds) before its two attempts.
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("command", [["inspect", "s3://bucket/out"],
+                                     ["verify", "s3://bucket/out"],
+                                     ["convert", None, "s3://bucket/out", "--no-progress"]])
+def test_every_command_fails_on_a_closed_port_within_the_same_bound(source, monkeypatch, command):
+    import time
+
+    unreachable(monkeypatch)
+    started = time.monotonic()
+    result = run_cli(*[source if part is None else part for part in command])
+    line = one_error_line(result)
+    assert "s3://bucket/out" in line and "Could not connect" in line, line
+    # Two attempts with the standard back-off: about a second or two,
+    # whichever the command.
+    assert time.monotonic() - started < 8
+
+
+def test_convert_without_credentials_fails_with_one_error_line(source, moto_endpoint, monkeypatch):
+    from s3_helpers import s3_environment
+
+    for key, value in s3_environment(moto_endpoint).items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    line = one_error_line(run_cli("convert", source, "s3://bucket/out", "--no-progress"))
+    assert "Unable to locate credentials" in line, line

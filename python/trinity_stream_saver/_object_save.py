@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from ._arguments import _resolve_dtype
 from ._extension import _C
-from ._object_store import Store, open_store
+from ._object_store import CompletedAfterAll, Store, open_store
 
 #: Default part size and uploads in flight: 64 MiB x 4, so a save holds at
 #: most 5 parts (4 uploading, 1 filling) = 320 MiB beside the producer's
@@ -162,6 +162,8 @@ class _StoreSave:
                 continue
             try:
                 upload.abort()
+            except CompletedAfterAll as failure:
+                notes.append(f"trinity_stream_saver: {failure.strerror}")
             except Exception as failure:
                 notes.append(
                     f"trinity_stream_saver: aborting the upload of {self.store.url(upload.key)} "
@@ -277,10 +279,11 @@ def publish_index(store: Store, prefix: str, plan, metadata) -> str:
         if single in listed and single not in keep:
             try:
                 store.delete([prefix + single])
+                del listed[single]
             except OSError as error:
                 raise OSError(
                     error.errno,
-                    f"{error.strerror or error}; it is an older single-file checkpoint, which "
+                    f"{error}; it is an older single-file checkpoint, which "
                     f"loaders prefer to an index, so the new index was not written and loaders "
                     f"still read the older checkpoint at {store.url(prefix)}. Delete "
                     f"{store.url(prefix + single)} (or give it up by hand) and save again.",
@@ -301,7 +304,7 @@ def publish_index(store: Store, prefix: str, plan, metadata) -> str:
         except OSError as error:
             raise OSError(
                 error.errno,
-                f"{error.strerror or error}; the new checkpoint at {store.url(prefix)} is "
+                f"{error}; the new checkpoint at {store.url(prefix)} is "
                 "complete and is the one loaders read; only unused objects of the older "
                 "checkpoint remain: delete them by hand.",
             ) from error

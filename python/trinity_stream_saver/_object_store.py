@@ -248,6 +248,10 @@ def _field(response: Any, name: str, what: str) -> Any:
     return response[name]
 
 
+class CompletedAfterAll(OSError):
+    """An abort found the upload completed: the object is in place, whole."""
+
+
 class _S3Upload:
     """One multipart upload."""
 
@@ -257,10 +261,17 @@ class _S3Upload:
         self._target = {"Bucket": store.bucket, "Key": key}
         client = store.client
         what = f"CreateMultipartUpload of {self._url}"
-        self._id = _field(store.requests.call(what, client.create_multipart_upload,
-                                              **self._target), "UploadId", what)
+        try:
+            self._id = _field(store.requests.call(what, client.create_multipart_upload,
+                                                  **self._target), "UploadId", what)
+        except OSError as error:
+            # Without its id an upload the server made cannot be aborted.
+            error.add_note("If the server made the upload, the bucket's lifecycle rule for "
+                           "incomplete multipart uploads removes it.")
+            raise
         self._etags: dict[int, str] = {}
         self._lock = threading.Lock()
+        self._completing = False
 
     def upload_part(self, number: int, data: memoryview) -> None:
         what = f"UploadPart {number} of {self._url}"
@@ -273,14 +284,23 @@ class _S3Upload:
 
     def complete(self) -> None:
         parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
+        self._completing = True
         self._store.requests.call(
             f"CompleteMultipartUpload of {self._url}", self._store.client.complete_multipart_upload,
             **self._target, UploadId=self._id, MultipartUpload={"Parts": parts})
 
     def abort(self) -> None:
-        self._store.requests.call_to_clean_up(
-            f"AbortMultipartUpload of {self._url}", self._store.client.abort_multipart_upload,
-            **self._target, UploadId=self._id)
+        try:
+            self._store.requests.call_to_clean_up(
+                f"AbortMultipartUpload of {self._url}", self._store.client.abort_multipart_upload,
+                **self._target, UploadId=self._id)
+        except FileNotFoundError as error:  # NoSuchUpload
+            if not self._completing:
+                raise
+            # A completion whose reply never came (a timeout) took effect.
+            raise CompletedAfterAll(error.errno, f"{self._url} was completed after all: the completion's "
+                          "reply did not arrive in time, but the server made the object, "
+                          "which holds the new file, whole.") from error
 
 
 class S3Store(Store):

@@ -110,12 +110,13 @@ def _translated(what: str, function, arguments: dict) -> Any:
     callers, the command line among them, handle OSError."""
     try:
         return function(**arguments)
-    except OSError:
-        raise
     except Exception as error:
-        if not _client_module(error):
+        # botocore's timeouts are OSErrors too, but say no more than a URL.
+        if not _client_module(error) or (isinstance(error, OSError) and
+                                         not type(error).__module__.startswith("botocore")):
             raise
-        code = getattr(error, "response", {}).get("Error", {}).get("Code")
-        number = errno.ENOENT if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound") else \
+        code = (getattr(error, "response", None) or {}).get("Error", {}).get("Code")
+        number = errno.ENOENT if code in ("404", "NoSuchKey", "NoSuchBucket", "NoSuchUpload",
+                                          "NotFound") else \
             errno.EACCES if code in ("403", "AccessDenied") else errno.EIO
         raise OSError(number, f"{what} failed: {error}") from error
