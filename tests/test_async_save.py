@@ -477,7 +477,82 @@ def test_ctrl_c_while_training_lets_the_save_finish(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_ctrl_c_while_waiting_at_exit_aborts_the_save_cleanly(tmp_path, mode):
-    stderr = interrupt_child(tmp_path, mode, "returns", "EXITING")
+    # Sent once the program has ended (END), while the save waits at exit.
+    stderr = interrupt_child(tmp_path, mode, "returns", "END")
     assert "1 asynchronous save(s) aborted at exit; nothing of them was published" in stderr
     # Nothing published, no temporary file left.
     assert os.listdir(tmp_path / "async") == []
+
+
+# --------------------------------------------------------------------------
+# A GPU model (need CUDA: the lent GPU machine runs these through
+# benchmarks/device_async.sh; skipped elsewhere)
+# --------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device; benchmarks/device_async.sh runs these on the lent GPU machine")
+
+
+def gpu_train_step(model, optimizer) -> None:
+    model.train()
+    optimizer.zero_grad()
+    model(torch.randn(32, 64, device="cuda")).square().mean().backward()
+    optimizer.step()
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_a_gpu_model_gives_the_files_of_the_synchronous_save(tmp_path, mode):
+    model = mlp().cuda()
+    save_model_streaming(model, tmp_path / "sync")
+    save_model_streaming_async(model, tmp_path / "async", **MODES[mode]).result(120)
+    assert_same_checkpoint(tmp_path / "async", tmp_path / "sync")
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_the_gpu_snapshot_holds_through_optimizer_steps(tmp_path, monkeypatch, mode):
+    model = mlp().cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    gpu_train_step(model, optimizer)
+    save_model_streaming(model, tmp_path / "sync")
+    gate = threading.Event()
+    wrap_writer(monkeypatch, held_before_last(gate, len(model.state_dict())))
+    future = save_model_streaming_async(model, tmp_path / "async", optimizer=optimizer,
+                                        **MODES[mode])
+    try:
+        for _ in range(3):
+            gpu_train_step(model, optimizer)
+        torch.cuda.synchronize()
+        assert not future.done()
+    finally:
+        gate.set()
+    future.result(120)
+    assert_same_checkpoint(tmp_path / "async", tmp_path / "sync")
+    # The steps did change the model: a save now differs.
+    save_model_streaming(model, tmp_path / "after")
+    assert folder_bytes(tmp_path / "after") != folder_bytes(tmp_path / "sync")
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_pinned_staging_is_reused_across_gpu_saves(tmp_path, monkeypatch, mode):
+    seen = []
+
+    def record(items):
+        found = []
+        for name, tensor in items:
+            found.append((tensor.data_ptr(), tensor.is_pinned()))
+            yield name, tensor
+        seen.append(found)
+
+    wrap_writer(monkeypatch, record)
+    model = mlp().cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(2):
+        save_model_streaming_async(model, tmp_path / str(step), **MODES[mode]).result(120)
+        gpu_train_step(model, optimizer)
+    parameters = [i for i, (name, _) in enumerate(model.state_dict().items())
+                  if name in dict(model.named_parameters())]
+    assert all(seen[0][i][1] for i in parameters), "parameters were not staged in pinned memory"
+    assert [seen[0][i] for i in parameters] == [seen[1][i] for i in parameters]
