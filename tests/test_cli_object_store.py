@@ -252,3 +252,22 @@ def test_convert_without_credentials_fails_with_one_error_line(source, moto_endp
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     line = one_error_line(run_cli("convert", source, "s3://bucket/out", "--no-progress"))
     assert "Unable to locate credentials" in line, line
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_a_prefix_of_shards_without_an_index_is_checked_as_the_same_folder(
+        bucket, source, local, tmp_path, command):
+    # What a save killed before its index leaves.
+    assert convert_to(bucket, source).returncode == 0
+    bucket.client.delete_object(Bucket=bucket.name, Key="out/model.safetensors.index.json")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for name in os.listdir(local):
+        if name.endswith(".safetensors"):
+            (folder / name).write_bytes(read_bytes(local / name))
+    shards = sorted(name for name in os.listdir(folder))
+    assert len(shards) >= 2
+    remote, here = run_cli(command, bucket.url("out")), run_cli(command, folder)
+    assert "Traceback" not in remote.stderr and "not supported" not in remote.stderr, remote.stderr
+    assert remote.returncode == here.returncode, (remote.stdout, remote.stderr)
+    assert remote.stdout.replace(bucket.url("out"), str(folder)) == here.stdout

@@ -213,6 +213,8 @@ def test_a_botocore_config_is_merged_with_ours(bucket):
 
 @pytest.mark.parametrize("options, error, match", [
     ({"timeout": 0}, ValueError, "'timeout' must be positive"),
+    ({"timeout": float("inf")}, ValueError, "'timeout' must be positive"),
+    ({"timeout": float("nan")}, ValueError, "'timeout' must be positive"),
     ({"timeout": "10"}, TypeError, "'timeout' must be a number"),
     ({"config": {"read_timeout": 1}}, TypeError, "must be a botocore.config.Config"),
     ({"retries": 0}, ValueError, "'retries' must be an int of at least 1"),

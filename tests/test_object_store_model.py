@@ -63,6 +63,53 @@ def test_an_asynchronous_save_to_s3_is_the_model_at_the_call(bucket, tmp_path, b
     assert bucket.pending_uploads() == []
 
 
+ENDS_DURING_THE_UPLOAD = """
+import sys, time, torch
+from trinity_stream_saver import save_model_streaming_async
+from trinity_stream_saver import _async_work
+
+def slowly(items):  # the upload is still running when the script ends
+    for item in items:
+        time.sleep(0.05)
+        yield item
+
+_async_work._feed_writer = slowly
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
+save_model_streaming_async(model, sys.argv[1], max_shard_size="300KB", part_size=5 << 20,
+                           max_staging_bytes=None if sys.argv[2] == "full" else 1 << 16)
+print("END", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["full", "bounded"])
+def test_an_asynchronous_save_to_s3_running_when_the_script_ends_is_finished(bucket, tmp_path,
+                                                                            mode):
+    from conftest import run_python
+
+    result = run_python(ENDS_DURING_THE_UPLOAD, bucket.url("run"), mode, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "END" in result.stdout
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
+    save_model_streaming(model, tmp_path / "local", max_shard_size="300KB")
+    assert bucket.objects() == folder_objects(tmp_path / "local", "run")
+    assert bucket.pending_uploads() == []
+
+
+def test_an_asynchronous_save_failing_after_the_script_ended_exits_non_zero(bucket):
+    from conftest import run_python
+
+    # The bucket is gone before the background save uploads anything.
+    code = ENDS_DURING_THE_UPLOAD.replace(
+        'print("END", flush=True)',
+        'import boto3; boto3.client("s3").delete_bucket(Bucket=sys.argv[1].split("/")[2])\n'
+        'print("END", flush=True)')
+    result = run_python(code, bucket.url("run"), "full", timeout=120)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "still running when the program ended, failed" in result.stderr, result.stderr
+
+
 def test_a_model_save_failing_while_uploading_keeps_the_older_checkpoint(bucket):
     import functools
     import inspect

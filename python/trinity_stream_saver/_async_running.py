@@ -76,16 +76,35 @@ def _start(target, name: str) -> None:
         target()
 
 
+def _exit_if_failed(saves) -> None:
+    """A save still running when the program ended that then failed is a
+    failed program: say so and exit 1, never 0 with nothing saved (an
+    exit hook cannot change the status otherwise)."""
+    failed = [save for save in saves if save.exception() is not None]
+    if not failed:
+        return
+    for save in failed:
+        print(f"trinity_stream_saver: the asynchronous save to {save.directory!r}, still "
+              f"running when the program ended, failed: {save.exception()!r}; nothing of it "
+              "was published.", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def _finish_at_exit() -> None:
     """Waits for the running saves before the interpreter ends; a Ctrl-C
     meanwhile aborts them cleanly rather than killing them mid-file."""
     with _running_lock:
         running = list(_running.values())
         threads = list(_threads)
+    if not running and not threads:
+        return
     try:
         concurrent.futures.wait(running)
         for thread in threads:
             thread.join()
+        _exit_if_failed(running)
     except KeyboardInterrupt:
         for save in running:
             save._stop(_interrupted_at_exit())
@@ -126,5 +145,20 @@ def _forget_in_child() -> None:
 _IMPORTED_BY_SAVES = ("trinity_stream_saver.", "torch.distributed.")
 
 
-atexit.register(_finish_at_exit)
+def _register_at_exit() -> None:
+    """Runs _finish_at_exit when the main thread ends, before
+    concurrent.futures shuts its pools down (a save to object storage
+    uploads through one, which refuses work once shut down), and again
+    from atexit, for an exit that skips the first."""
+    import concurrent.futures.thread  # noqa: F401  (its exit hook is registered first)
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        # threading runs these in reverse order of registration: ours,
+        # registered after concurrent.futures', runs before it.
+        register(_finish_at_exit)
+    atexit.register(_finish_at_exit)
+
+
+_register_at_exit()
 os.register_at_fork(after_in_child=_forget_in_child)

@@ -12,6 +12,7 @@ nothing of safetensors or of which store it serves.
 from __future__ import annotations
 
 import errno
+import math
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -29,8 +30,9 @@ def check_timeout(value: object) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"storage_options 'timeout' must be a number of seconds, not "
                         f"{type(value).__name__}.")
-    if not value > 0:
-        raise ValueError(f"storage_options 'timeout' must be positive seconds, not {value!r}.")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"storage_options 'timeout' must be positive seconds, not {value!r}; "
+                         "leave it out for no deadline.")
     return float(value)
 
 

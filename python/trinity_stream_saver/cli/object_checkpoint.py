@@ -96,6 +96,12 @@ class ObjectPath:
     def __hash__(self) -> int:
         return hash(str(self))
 
+    def __lt__(self, other: "ObjectPath") -> bool:
+        # Sorted as pathlib sorts the files of a folder: by name.
+        if not isinstance(other, ObjectPath):
+            return NotImplemented
+        return str(self) < str(other)
+
     def __truediv__(self, name: str) -> "ObjectPath":
         return ObjectPath(self.store, f"{self.key}/{name}" if self.key else name)
 
