@@ -117,3 +117,60 @@ def run_rank(rank: int, world: int, root: str, bucket: str) -> None:
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
+
+
+def peer_dies_during_an_asynchronous_upload(rank: int, world: int, root: str, bucket: str) -> None:
+    """Two ranks save the FSDP2 Llama asynchronously into s3://bucket/ckpt;
+    the last rank is SIGKILLed once its writer has pulled two tensors (its
+    uploads begun). The survivor records how its Future ended and what
+    uploads are pending once it has, then exits without a collective."""
+    import signal
+    import time
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from trinity_stream_saver import save_model_streaming_async
+    from trinity_stream_saver import _async_work
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank,
+                            world_size=world, timeout=TIMEOUT)
+    mesh = init_device_mesh("cpu", (world,))
+    record = {}
+    try:
+        def slow_then_killed(items):
+            for count, item in enumerate(items):
+                if rank == world - 1 and count == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(0.05)  # both ranks' uploads are under way
+                yield item
+
+        _async_work._feed_writer = slow_then_killed
+        from trinity_stream_saver import _object_save
+
+        begin = _object_save._FileUpload.__init__
+
+        def noted(self, save, key, *args):  # which uploads this rank began
+            with open(os.path.join(root, f"started{rank}.txt"), "a") as started:
+                started.write(key + "\n")
+            begin(self, save, key, *args)
+
+        _object_save._FileUpload.__init__ = noted
+        future = save_model_streaming_async(fsdp_llama(mesh), f"s3://{bucket}/ckpt",
+                                            max_shard_size="100KB", part_size=5 << 20,
+                                            concurrency=2)
+        started = time.monotonic()
+        try:
+            record["returned"] = future.result(120)
+        except Exception as error:
+            record["error_type"] = type(error).__name__
+            record["error"] = str(error)
+        record["seconds"] = time.monotonic() - started
+        record["pending"] = pending_uploads(bucket)
+        record["objects"] = sorted(objects(bucket))
+    except Exception:
+        record = {"crashed": traceback.format_exc()}
+    with open(os.path.join(root, f"rank{rank}.json"), "w") as file:
+        json.dump(record, file)
+    os._exit(0)  # no teardown: the other rank is gone

@@ -473,6 +473,9 @@ def test_missing_directory_is_file_not_found_naming_the_path(tmp_path):
         save_safetensors_streaming(iter([("a", ok_tensor())]), dest, [("a", "F32", [4])])
     assert raised.value.errno == errno.ENOENT
     assert dest in str(raised.value)
+    # The folder to create is what the error names.
+    assert raised.value.filename == str(tmp_path / "no" / "such" / "dir") + "/"
+    assert "the folder does not exist" in str(raised.value)
     assert not (tmp_path / "no").exists()
 
 

@@ -141,3 +141,15 @@ def test_inspect_of_a_damaged_file_is_an_error_naming_it(tmp_path):
     assert result.returncode == 1
     assert str(path) in result.stderr and "cut short" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_version_names_the_package_and_its_torch():
+    from cli_helpers import run_cli_subprocess
+
+    result = run_cli_subprocess("--version")
+    assert result.returncode == 0, result.stderr
+    import torch
+    from importlib import metadata
+
+    assert result.stdout.strip() == (f"python -m trinity_stream_saver "
+                                     f"{metadata.version('trinity_stream_saver')} (torch {torch.__version__})")

@@ -219,8 +219,11 @@ def test_single_process_without_a_process_group_saves_a_from_pretrained_folder(t
     assert_weight_map_is_the_hubs_split(tmp_path, "100KB")
 
 
-def test_single_process_progress_bar_counts_the_bytes_this_rank_writes(tmp_path, capsys):
+def test_single_process_progress_bar_counts_the_bytes_this_rank_writes(tmp_path, capsys, monkeypatch):
     pytest.importorskip("tqdm", reason="progress=True needs tqdm")
+    from trinity_stream_saver import _progress
+
+    monkeypatch.setattr(_progress, "_stderr_is_a_terminal", lambda: True)  # a bar, as on a terminal
     state = {"a": torch.zeros(3 << 20, dtype=torch.uint8), "b": torch.zeros(5 << 20, dtype=torch.uint8)}
     save_model_streaming(state, tmp_path, max_shard_size="4MB", progress=True)
     assert "8.00M/8.00M" in capsys.readouterr().err

@@ -203,3 +203,31 @@ def test_a_rank_failing_while_uploading_aborts_every_ranks_uploads_and_keeps_the
         assert "injected: the upload failed" in failure["error"]["message"]
         assert failure["after"] == record["after_round_trip"]
         assert failure["pending"] == []
+
+
+def test_a_rank_killed_during_an_asynchronous_upload_leaves_no_pending_upload(bucket, tmp_path):
+    import multiprocessing
+
+    from object_store_workers import peer_dies_during_an_asynchronous_upload
+
+    context = multiprocessing.get_context("spawn")
+    ranks = [context.Process(target=peer_dies_during_an_asynchronous_upload,
+                             args=(rank, 2, str(tmp_path), bucket.name)) for rank in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(180)
+    assert [process.exitcode for process in ranks] == [0, -9]
+    with open(tmp_path / "rank0.json") as file:
+        survivor = json.load(file)
+    assert "crashed" not in survivor, survivor.get("crashed")
+    assert survivor.get("error_type") == "DistributedSaveError", survivor
+    assert "another rank has probably died" in survivor["error"], survivor["error"]
+    assert survivor["seconds"] < 60  # not the process group's timeout
+    # Only the killed rank's own uploads may remain (nothing can abort
+    # them); the survivor aborted every one of its own.
+    assert survivor["objects"] == []
+    began = [set((tmp_path / f"started{rank}.txt").read_text().split()) for rank in range(2)]
+    assert began[0], "the survivor had begun no upload: the kill came too early to test"
+    assert not began[0] & set(survivor["pending"]), survivor["pending"]
+    assert set(survivor["pending"]) <= began[1]

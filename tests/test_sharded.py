@@ -237,7 +237,15 @@ def test_save_directory_is_created(tmp_path):
     assert os.listdir(tmp_path / "a" / "b") == ["model.safetensors"]
 
 
-def test_progress_bar_counts_the_tensor_bytes(tmp_path, capsys):
+@pytest.fixture
+def terminal(monkeypatch):
+    """stderr taken for a terminal, where progress=True draws a tqdm bar."""
+    from trinity_stream_saver import _progress
+
+    monkeypatch.setattr(_progress, "_stderr_is_a_terminal", lambda: True)
+
+
+def test_progress_bar_counts_the_tensor_bytes(tmp_path, capsys, terminal):
     pytest.importorskip("tqdm", reason="progress=True needs tqdm")
     items = u8_items([3 * MiB, 5 * MiB])
     save_sharded_streaming(iter(items), tmp_path, meta_for(items), max_shard_size=4 * MiB, progress=True)
@@ -245,13 +253,30 @@ def test_progress_bar_counts_the_tensor_bytes(tmp_path, capsys):
     assert "8.00M/8.00M" in err
 
 
-def test_progress_bar_of_the_single_file_save_counts_the_tensor_bytes(tmp_path, capsys):
+def test_progress_bar_of_the_single_file_save_counts_the_tensor_bytes(tmp_path, capsys, terminal):
     pytest.importorskip("tqdm", reason="progress=True needs tqdm")
     from trinity_stream_saver import save_safetensors_streaming
 
     items = u8_items([3 * MiB, 5 * MiB])
     save_safetensors_streaming(iter(items), tmp_path / "m.safetensors", meta_for(items), progress=True)
     assert "8.00M/8.00M" in capsys.readouterr().err
+
+
+def test_progress_off_a_terminal_is_a_line_every_interval_never_a_redrawn_bar(
+        tmp_path, capsys, monkeypatch):
+    from trinity_stream_saver import _progress
+
+    clock = iter(range(0, 1000, 20))  # 20 s between two readings of the clock
+    monkeypatch.setattr(_progress, "_clock", lambda: next(clock))
+    items = u8_items([3 * MiB, 5 * MiB, 1 * MiB, 1 * MiB])
+    save_sharded_streaming(iter(items), tmp_path, meta_for(items), max_shard_size=4 * MiB,
+                           progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.strip().splitlines()
+    # Every 30 s: a line at 40 s (after 8 of 10 MiB) and one at the end.
+    assert lines[-1].endswith("10 of 10 MiB (100%) in 80 s"), err
+    assert len(lines) == 2 and "8 of 10 MiB (80%)" in lines[0], err
 
 
 # --------------------------------------------------------------------------

@@ -4,6 +4,8 @@ keep the same names of aliased tensors and cast the same tensors."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from safetensors.torch import load_file
 
@@ -52,3 +54,19 @@ def test_convert_and_save_model_streaming_keep_the_same_names_of_aliases(tmp_pat
     cli, api = saved_both_ways(tmp_path, torch.float32, "fp32")
     assert list(api) == list(cli)
     assert "head.weight" not in api and {"embed.weight", "q.weight", "k.weight"} <= api.keys()
+
+
+def test_a_model_without_a_config_warns_once_that_no_config_json_is_written(tmp_path):
+    from conftest import run_python
+
+    result = run_python(
+        "import sys, torch, warnings\n"
+        "from trinity_stream_saver import save_model_streaming\n"
+        "warnings.simplefilter('default')\n"
+        "for i in range(2):\n"
+        "    save_model_streaming(torch.nn.Linear(4, 4), f'{sys.argv[1]}/{i}')\n",
+        str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("no config.json") == 1, result.stderr
+    assert "Linear saved has no transformers config" in result.stderr
+    assert sorted(os.listdir(tmp_path / "0")) == ["model.safetensors"]

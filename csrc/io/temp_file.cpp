@@ -74,6 +74,17 @@ void remove_debris(const std::string& path) {
   }
 }
 
+// The usual cause of ENOENT here: the destination's folder does not exist.
+// The error names that folder, which is what the user must create, rather
+// than the temporary file they never asked for.
+OsError missing_folder(const std::string& temp_path) {
+  const std::size_t slash = temp_path.find_last_of('/');
+  const std::string folder = slash == std::string::npos ? "." : temp_path.substr(0, slash + 1);
+  return OsError(ENOENT, folder,
+                 "create the temporary file '" + temp_path + "': the folder does not exist; "
+                 "create it first (os.makedirs) or correct the path");
+}
+
 }  // namespace
 
 FileDescriptor create_temp_file(const std::string& path) {
@@ -82,6 +93,7 @@ FileDescriptor create_temp_file(const std::string& path) {
       return ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
     }));
     if (!fd) {
+      if (errno == ENOENT) throw missing_folder(path);
       if (errno != EEXIST) throw OsError(errno, path, "create the temporary file");
       remove_debris(path);
       continue;

@@ -39,6 +39,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     convert = commands.add_parser(
@@ -144,6 +145,19 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _version() -> str:
+    """The installed distribution's version, with the torch it was built for."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("trinity_stream_saver")
+    except metadata.PackageNotFoundError:
+        version = "(not installed)"
+    import torch
+
+    return f"{version} (torch {torch.__version__})"
 
 
 def _shard_size(text: str) -> int:

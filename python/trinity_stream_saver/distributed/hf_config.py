@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import warnings
 from typing import Optional
 
 import torch
@@ -41,11 +42,31 @@ class ConfigFiles:
             return files
 
 
+_warned_no_config = False
+
+
+def _warn_no_config(model: object) -> None:
+    """Once per process: a folder of weights alone is not what from_pretrained
+    loads, and its failure would come much later, on another machine."""
+    global _warned_no_config
+    if _warned_no_config:
+        return
+    _warned_no_config = True
+    what = type(model).__name__
+    warnings.warn(
+        f"save_model_streaming: the {what} saved has no transformers config, so only the "
+        "weights are written and no config.json; from_pretrained cannot load the folder "
+        "alone. Save the transformers model itself (it has .config), or write its config "
+        "beside the weights (config.save_pretrained(folder)).",
+        UserWarning, stacklevel=4)
+
+
 def config_files(model: object, dtype: Optional[torch.dtype]) -> Optional[ConfigFiles]:
-    """The config files of a transformers model as it is now; None for
-    anything else."""
+    """The config files of a transformers model as it is now; None (with a
+    warning, once) for anything else."""
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or not hasattr(config, "save_pretrained"):
+        _warn_no_config(model)
         return None
     config = copy.deepcopy(config)
     # FSDP2's fully_shard makes the class "FSDPLlamaForCausalLM".

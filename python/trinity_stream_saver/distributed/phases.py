@@ -87,13 +87,35 @@ def run_phase(ranks: Ranks, what: str, fn: Callable[[], T],
         error = caught
     if ranks.size == 1:
         return [value]
-    reports = ranks.exchange((value, None if error is None else describe(error)))
+    try:
+        reports = ranks.exchange((value, None if error is None else describe(error)))
+    except Exception as lost:
+        # The exchange itself failed: a rank died, or the network between
+        # the ranks broke. Nothing more can be agreed with the others, so
+        # this rank undoes its own part (its uploads aborted, its temporary
+        # files removed) before it raises, as it would on a reported failure.
+        if undo is not None:
+            undo()
+        raise lost_peer(ranks, what, error, lost) from (error or lost)
     failures = {rank: text for rank, (_, text) in enumerate(reports) if text is not None}
     if failures:
         if undo is not None:
             undo()
         raise failed(ranks, what, failures) from error
     return [value for value, _ in reports]
+
+
+def lost_peer(ranks: Ranks, what: str, error: Optional[BaseException],
+              lost: BaseException) -> DistributedSaveError:
+    """The error of a rank whose exchange with the others failed."""
+    failures = {ranks.rank: describe(error if error is not None else lost)}
+    return DistributedSaveError(
+        f"save_model_streaming failed while {what}: rank {ranks.rank} could not exchange "
+        f"its outcome with the other ranks ({describe(lost)}); another rank has probably "
+        "died (its own log says why). This rank's part of the save was undone: nothing of "
+        "it is published." + (f" This rank had also failed: {describe(error)}."
+                              if error is not None else ""),
+        failures)
 
 
 def failed(ranks: Ranks, what: str, failures: dict[int, str]) -> DistributedSaveError:
