@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from cli_helpers import SIDE_FILES, make_source, run_cli, run_cli_subprocess, write_model_folder
-from conftest import load_logits, logits, tiny_model
+from conftest import child_env, load_logits, logits, tiny_model
 
 LAYOUTS = [
     "bin_file",
@@ -243,3 +243,42 @@ def test_a_side_file_that_cannot_be_copied_leaves_the_destination_as_it_was(
         convert_module.convert(str(source), str(destination), progress=False)
     assert len(copies) == 2
     assert {path.name: path.read_bytes() for path in destination.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_convert_and_verify_work_with_the_oldest_safetensors_of_the_cli_extra(tmp_path):
+    """The cli extra's floor (safetensors>=0.4), installed beside the
+    package from the package index into a folder of its own."""
+    import subprocess
+    import sys
+
+    from trinity_stream_saver.cli.checkpoint import OLDEST_SAFETENSORS
+
+    oldest = ".".join(map(str, OLDEST_SAFETENSORS)) + ".0"
+    target = tmp_path / "site"
+    fetched = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
+         "--target", str(target), f"safetensors=={oldest}"], capture_output=True, text=True,
+        timeout=300)
+    if fetched.returncode != 0:
+        pytest.skip(f"safetensors {oldest} could not be installed from the package index: "
+                    f"{fetched.stderr.strip()[-300:]}")
+    torch.manual_seed(0)
+    from safetensors.torch import save_file
+
+    (tmp_path / "src").mkdir()
+    save_file({"a": torch.randn(3, 5), "b": torch.ones(7, dtype=torch.bfloat16)},
+              str(tmp_path / "src" / "model.safetensors"))
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(target), env["PYTHONPATH"]])  # the old one first
+    code = ("import safetensors, sys\n"
+            "from trinity_stream_saver.cli import main\n"
+            "print(safetensors.__version__)\n"
+            "sys.exit(main(sys.argv[1:2] + ['--no-progress'] + sys.argv[2:4]) or "
+            "main(['verify', sys.argv[3], '--against', sys.argv[2]]))\n")
+    result = subprocess.run([sys.executable, "-c", code, "convert", str(tmp_path / "src"),
+                             str(tmp_path / "out"), ], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == oldest
+    assert "values equal to" in result.stdout

@@ -7,7 +7,7 @@ normalises arguments and orchestrates; the checks and the writing happen
 in ``trinity_stream_saver._C``.
 """
 
-from ._extension import _C  # noqa: F401  (tests and tools reach the core through it)
+from ._extension import _C as _C  # noqa: F401  (tests and tools reach the core through it)
 from ._meta import (
     DTYPE_TO_SAFETENSORS,
     StateDictMeta,

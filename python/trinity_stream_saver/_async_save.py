@@ -16,17 +16,22 @@ import concurrent.futures
 import os
 import threading
 from collections.abc import Mapping
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
 from . import _async_work, _staging
 from ._arguments import _normalise_metadata, _path
 from ._object_save import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
+from ._meta import PathLikeStr
 from .distributed.phases import Ranks
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.utils.hooks import RemovableHandle
 
-class AsyncSave(concurrent.futures.Future):
+
+class AsyncSave(concurrent.futures.Future[str]):
     """The Future of ``save_model_streaming_async``.
 
     Its result is what ``save_model_streaming`` returns (the index's or the
@@ -87,18 +92,18 @@ def _check_optimizer(optimizer: object) -> None:
         )
 
 
-def _wait_before_step(optimizer, save: AsyncSave) -> None:
+def _wait_before_step(optimizer: torch.optim.Optimizer, save: AsyncSave) -> None:
     """A step pre-hook that waits for the snapshot, once. It cannot remove
     itself while the optimizer iterates its pre-hooks (the dict would change
     under the loop), so it registers a post-hook that removes both: the
     post-hook is then the last one, the only one that may remove itself."""
-    handles = []
+    handles: list[RemovableHandle] = []
 
-    def remove_both(*_):
+    def remove_both(*_: object) -> None:
         for handle in handles:
             handle.remove()
 
-    def wait(*_):
+    def wait(*_: object) -> None:
         save.wait_for_snapshot()
         if len(handles) == 1:
             handles.append(optimizer.register_step_post_hook(remove_both))
@@ -108,14 +113,14 @@ def _wait_before_step(optimizer, save: AsyncSave) -> None:
 
 def save_model_streaming_async(
     model: Union[torch.nn.Module, Mapping[str, torch.Tensor]],
-    save_directory: Union[str, os.PathLike],
+    save_directory: PathLikeStr,
     *,
     max_shard_size: Union[int, str] = "5GB",
     filename_pattern: str = "model{suffix}.safetensors",
     metadata: Optional[Mapping[str, str]] = None,
     dtype: Optional[torch.dtype] = None,
     fsync: bool = False,
-    process_group=None,
+    process_group: Optional[ProcessGroup] = None,
     writer_ranks: Optional[Sequence[int]] = None,
     progress: bool = False,
     storage_options: Optional[Mapping[str, Any]] = None,

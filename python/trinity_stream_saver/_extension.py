@@ -10,7 +10,7 @@ _REBUILD = (
 )
 
 try:
-    from . import _C
+    from . import _C as _C
 except ImportError as error:
     raise ImportError(
         f"trinity_stream_saver's C++ extension could not be loaded with torch {torch.__version__} "

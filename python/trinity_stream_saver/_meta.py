@@ -4,7 +4,8 @@ _compute_exact_header_size)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -22,6 +23,13 @@ class TensorMeta(NamedTuple):
 
 StateDictMeta = list[TensorMeta]
 
+#: A row of state_dict_meta: a TensorMeta, or (name, dtype, shape) with the
+#: dtype as a safetensors name, a torch.dtype or its name.
+MetaRow = Union[TensorMeta, tuple[str, Union[str, torch.dtype], Sequence[int]]]
+
+#: A path given to a save: str or os.PathLike of str.
+PathLikeStr = Union[str, "os.PathLike[str]"]
+
 #: torch dtype -> safetensors dtype name, for every dtype this library saves
 #: (the original module's name for the same table).
 DTYPE_TO_SAFETENSORS: dict[torch.dtype, str] = {
@@ -31,7 +39,7 @@ DTYPE_TO_SAFETENSORS: dict[torch.dtype, str] = {
 }
 
 def _compute_exact_header_size(
-    state_dict_meta: Iterable[Union[TensorMeta, tuple]],
+    state_dict_meta: Iterable[MetaRow],
     metadata: Optional[Mapping[str, str]] = None,
 ) -> int:
     """N: the JSON header length (in bytes, a multiple of 8) that a save of

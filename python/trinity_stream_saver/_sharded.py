@@ -19,7 +19,7 @@ from ._arguments import (
     _resolve_dtype,
 )
 from ._extension import _C
-from ._meta import TensorMeta
+from ._meta import MetaRow, PathLikeStr
 from ._object_save import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, save_sharded_to_store
 from ._object_store import url_protocol
 from ._progress import _counted, _progress_bar
@@ -38,10 +38,10 @@ class ShardPlan:
     total_parameters: int
     filename_pattern: str
     # The plan in C++, for the writers.
-    _plan: object = dataclasses.field(repr=False, compare=False)
+    _plan: _C.ShardPlan = dataclasses.field(repr=False, compare=False)
     # The rows planned, in state_dict_meta's order: what an object-store
     # upload sends each file's header from (_object_save.upload_files).
-    _rows: list = dataclasses.field(default_factory=list, repr=False, compare=False)
+    _rows: list[MetaRow] = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     @property
     def is_sharded(self) -> bool:
@@ -58,7 +58,7 @@ class ShardPlan:
         return {filename: size for filename, _, size in self._plan.files}
 
 def plan_shards(
-    state_dict_meta: Iterable[Union[TensorMeta, tuple]],
+    state_dict_meta: Iterable[MetaRow],
     max_shard_size: Union[int, str] = "5GB",
     filename_pattern: str = "model{suffix}.safetensors",
 ) -> ShardPlan:
@@ -100,8 +100,8 @@ def plan_shards(
 
 def save_sharded_streaming(
     tensor_iter: Iterable[tuple[str, torch.Tensor]],
-    save_directory: Union[str, os.PathLike],
-    state_dict_meta: Iterable[Union[TensorMeta, tuple]],
+    save_directory: PathLikeStr,
+    state_dict_meta: Iterable[MetaRow],
     *,
     max_shard_size: Union[int, str] = "5GB",
     filename_pattern: str = "model{suffix}.safetensors",
@@ -180,14 +180,16 @@ def save_sharded_streaming(
 # files of a plan on each rank, then finishes on one).
 
 
-def _sharded_writer(plan: ShardPlan, directory: str, filenames: list[str], metadata, fsync: bool):
+def _sharded_writer(plan: ShardPlan, directory: str, filenames: list[str],
+                    metadata: Optional[list[tuple[str, str]]], fsync: bool) -> _C.ShardedWriter:
     """The C++ writer of `filenames` of `plan` in `directory`: write(), then
     commit() (returns the final paths) or abort()."""
     return _C.ShardedWriter(plan._plan, os.fsencode(directory), filenames, metadata, bool(fsync),
                             False)
 
 
-def _finish_sharded(plan: ShardPlan, directory: str, metadata, fsync: bool) -> str:
+def _finish_sharded(plan: ShardPlan, directory: str, metadata: Optional[list[tuple[str, str]]],
+                    fsync: bool) -> str:
     """Once every file of `plan` is in place in `directory`: the index (when
     sharded), and an older checkpoint's files removed. Returns the index's
     path, or the single file's."""

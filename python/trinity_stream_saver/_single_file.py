@@ -20,7 +20,7 @@ from ._arguments import (
     _resolve_dtype,
 )
 from ._extension import _C
-from ._meta import TensorMeta
+from ._meta import MetaRow, PathLikeStr
 from ._object_save import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, save_file_to_store
 from ._object_store import url_protocol
 from ._progress import _counted, _progress_bar
@@ -28,8 +28,8 @@ from ._progress import _counted, _progress_bar
 
 def save_safetensors_streaming(
     tensor_iter: Iterable[tuple[str, torch.Tensor]],
-    filepath: Union[str, os.PathLike],
-    state_dict_meta: Iterable[Union[TensorMeta, tuple]],
+    filepath: PathLikeStr,
+    state_dict_meta: Iterable[MetaRow],
     *,
     rename: bool = True,
     metadata: Optional[Mapping[str, str]] = None,
@@ -154,7 +154,7 @@ def save_safetensors_streaming(
     return path if rename else os.fsdecode(written)
 
 def finalize(
-    tmp_path: Union[str, os.PathLike], filepath: Union[str, os.PathLike], *, fsync: bool = True
+    tmp_path: PathLikeStr, filepath: PathLikeStr, *, fsync: bool = True
 ) -> str:
     """Finish a save made with ``rename=False``: check that the temp file is
     a complete safetensors file that no save is writing, with ``fsync`` put
@@ -172,8 +172,8 @@ def finalize(
     return path
 
 def finalize_async(
-    tmp_path: Union[str, os.PathLike], filepath: Union[str, os.PathLike], *, fsync: bool = True
-) -> concurrent.futures.Future:
+    tmp_path: PathLikeStr, filepath: PathLikeStr, *, fsync: bool = True
+) -> concurrent.futures.Future[str]:
     """``finalize`` on a background thread, so that training goes on while
     the checkpoint is made durable. Returns a Future of the final path;
     errors surface through it. Finalizations run one at a time, in the order
@@ -191,7 +191,7 @@ def finalize_async(
     except RuntimeError:
         # "cannot schedule new futures after (interpreter) shutdown": the
         # promise to finish before exit is kept by finishing now.
-        done: concurrent.futures.Future = concurrent.futures.Future()
+        done: concurrent.futures.Future[str] = concurrent.futures.Future()
         try:
             done.set_result(finalize(temp, path, fsync=fsync))
         except BaseException as error:  # delivered through the Future, as from the pool

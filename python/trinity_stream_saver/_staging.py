@@ -115,7 +115,7 @@ class StagingArena:
     The lock is released by whichever thread ends the save (the background
     writer), not the one that acquired it, hence a plain Lock."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buffer: Optional[torch.Tensor] = None
         _arenas.add(self)

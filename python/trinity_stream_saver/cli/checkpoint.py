@@ -368,8 +368,11 @@ def _safetensors_entries(path: Path) -> list[Entry]:
 
 
 def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    # In file order, from our own reading of the header: safe_open's
+    # offset_keys() is missing from older safetensors (0.5.3 among them).
+    names = [entry.name for entry in _safetensors_entries(path)]
     with safe_open_file(path) as file:
-        for name in file.offset_keys():
+        for name in names:
             tensor = file.get_tensor(name)
             yield name, tensor
             # A view of the mapping holds no memory of its own; its pages do.
@@ -383,10 +386,22 @@ def safe_open_file(path: Path):
         header = read_safetensors_header(path)
         return ObjectTensors(path, header.tensors, 8 + header.length)
     try:
+        import safetensors
         from safetensors import safe_open
     except ImportError:
         raise CheckpointError(
             f"{path}: reading safetensors files needs the safetensors package; "
             f"pip install safetensors (or trinity_stream_saver[cli])."
         ) from None
+    version = tuple(int(part) for part in safetensors.__version__.split(".")[:2]
+                    if part.isdigit())
+    if version < OLDEST_SAFETENSORS:
+        raise CheckpointError(
+            f"{path}: reading safetensors files needs safetensors "
+            f"{'.'.join(map(str, OLDEST_SAFETENSORS))} or newer, but {safetensors.__version__} "
+            "is installed; pip install -U safetensors.")
     return safe_open(path, framework="pt", device="cpu")
+
+
+#: The oldest safetensors the command line is tested with (cli extra's floor).
+OLDEST_SAFETENSORS = (0, 4)

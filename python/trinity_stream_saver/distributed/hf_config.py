@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import tempfile
 import warnings
 from typing import Optional
@@ -58,7 +59,17 @@ def _warn_no_config(model: object) -> None:
         "weights are written and no config.json; from_pretrained cannot load the folder "
         "alone. Save the transformers model itself (it has .config), or write its config "
         "beside the weights (config.save_pretrained(folder)).",
-        UserWarning, stacklevel=4)
+        UserWarning, stacklevel=_callers_level())
+
+
+def _callers_level() -> int:
+    """The stacklevel of the first frame outside this package: the user's
+    call, whichever path (sync, asynchronous, distributed) led here."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+            "trinity_stream_saver"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def config_files(model: object, dtype: Optional[torch.dtype]) -> Optional[ConfigFiles]:

@@ -10,7 +10,11 @@ not needed to import the package, and importing it costs a second.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 T = TypeVar("T")
 
@@ -32,32 +36,34 @@ class Ranks:
     """The process group as this save sees it; a single process (no
     torch.distributed, or not initialised) is a group of one."""
 
-    def __init__(self, process_group):
+    def __init__(self, process_group: Optional[ProcessGroup]) -> None:
         dist = _torch_distributed()
-        self.distributed = dist is not None and dist.is_initialized()
-        if process_group is not None and not self.distributed:
-            raise ValueError(
-                "process_group was given but torch.distributed is not initialised; call "
-                "torch.distributed.init_process_group() first, or pass process_group=None."
-            )
+        if dist is None or not dist.is_initialized():
+            if process_group is not None:
+                raise ValueError(
+                    "process_group was given but torch.distributed is not initialised; call "
+                    "torch.distributed.init_process_group() first, or pass process_group=None."
+                )
+            dist = None
+        self.distributed = dist is not None
         self.group = process_group
         # The group object point-to-point calls name (None is the default
         # group, which they do not accept for every call).
-        self.resolved_group = (process_group or dist.group.WORLD) if self.distributed else None
-        self.rank = dist.get_rank(process_group) if self.distributed else 0
-        self.size = dist.get_world_size(process_group) if self.distributed else 1
+        self.resolved_group = None if dist is None else (process_group or dist.group.WORLD)
+        self.rank: int = 0 if dist is None else dist.get_rank(process_group)
+        self.size: int = 1 if dist is None else dist.get_world_size(process_group)
 
-    def exchange(self, value: object) -> list:
+    def exchange(self, value: object) -> list[Any]:
         """Every rank's `value`, in rank order; also a barrier. Only called
         with more than one rank: run_phase handles a group of one."""
         import torch.distributed as dist
 
-        values: list = [None] * self.size
+        values: list[Any] = [None] * self.size
         dist.all_gather_object(values, value, group=self.group)
         return values
 
 
-def _torch_distributed():
+def _torch_distributed() -> Optional[ModuleType]:
     """torch.distributed, or None in a torch built without it."""
     import torch.distributed as dist
 
@@ -76,17 +82,19 @@ def run_phase(ranks: Ranks, what: str, fn: Callable[[], T],
     every rank naming the failing ranks (`what` says what they were doing).
 
     In a single process `fn`'s error is raised as it is."""
-    value = error = None
-    try:
-        value = fn()
-    except Exception as caught:
-        if ranks.size == 1:
+    if ranks.size == 1:
+        try:
+            return [fn()]
+        except Exception:
             if undo is not None:
                 undo()
             raise
+    value: Optional[T] = None
+    error: Optional[Exception] = None
+    try:
+        value = fn()
+    except Exception as caught:
         error = caught
-    if ranks.size == 1:
-        return [value]
     try:
         reports = ranks.exchange((value, None if error is None else describe(error)))
     except Exception as lost:

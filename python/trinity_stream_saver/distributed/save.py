@@ -29,11 +29,12 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
 from .._arguments import _normalise_metadata, _parse_size, _path
+from .._meta import PathLikeStr
 from .._extension import _C
 from .._object_save import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
 from .._object_store import check_url, url_protocol
@@ -44,7 +45,10 @@ from . import entries as state_dict
 from .assignment import Assignment, writer_ranks as checked_writer_ranks
 from .hf_config import config_files
 from .phases import Ranks, run_phase
-from .storage import ShardFiles
+from .storage import ShardFiles, ShardStorage, ShardStorageType
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class _Agreement:
@@ -79,16 +83,19 @@ def _check_agreement(prepared: list[_Agreement], rank: int) -> None:
 class _RankSave:
     """This rank's part of one save: what each phase does here."""
 
-    def __init__(self, ranks: Ranks, transport_type, storage_type, feed_type=None):
+    def __init__(self, ranks: Ranks, transport_type: Any, storage_type: ShardStorageType,
+                 feed_type: Any = None) -> None:
         self._ranks = ranks
         self._transport_type = transport_type
         self._storage_type = storage_type
         self._feed_type = feed_type
-        self._storage = None
-        self._folder_lock = None
+        self._storage: Optional[ShardStorage] = None
+        self._folder_lock: Optional[_C.CheckpointFolderLock] = None
 
-    def prepare(self, model, save_directory, max_shard_size, filename_pattern, metadata, dtype,
-                writer_ranks, config) -> _Agreement:
+    def prepare(self, model: Any, save_directory: PathLikeStr, max_shard_size: Union[int, str],
+                filename_pattern: str, metadata: Optional[Mapping[str, str]],
+                dtype: Optional[torch.dtype], writer_ranks: Optional[Sequence[int]],
+                config: Any) -> _Agreement:
         from .transport import layouts
 
         self.directory = _path("save_directory", save_directory)
@@ -154,9 +161,9 @@ class _RankSave:
                 # this one's files. The other ranks write into the held folder.
                 self._folder_lock = _C.CheckpointFolderLock(os.fsencode(self.directory))
             if mine.files:
-                self._storage = self._storage_type(self.plan, self.directory, mine.files,
-                                                   self.extra, fsync)
-                self._storage.write(feed)
+                storage = self._storage = self._storage_type(self.plan, self.directory, mine.files,
+                                                             self.extra, fsync)
+                storage.write(feed)
             feed.finish()
         except Exception:
             feed.finish_after_failure()
@@ -180,9 +187,12 @@ class _RankSave:
     def finish(self, committed: list[dict[str, int]]) -> Optional[str]:
         if self._ranks.rank != self.coordinator:
             return None
-        written = self._storage.finish(dict(enumerate(committed)))
+        # The coordinator is a writer rank: it always has files, so storage.
+        storage = self._storage
+        assert storage is not None, "the first writer rank writes files"
+        written = storage.finish(dict(enumerate(committed)))
         if self.config is not None:
-            self._storage.save_config(self.config)
+            storage.save_config(self.config)
         return written
 
 
@@ -190,9 +200,12 @@ class _RankSave:
 _FROM_MODEL = object()
 
 
-def _save(model, save_directory, transport_type, storage_type, *, max_shard_size,
-          filename_pattern, metadata, dtype, fsync, process_group, writer_ranks,
-          progress, config=_FROM_MODEL, feed_type=None) -> str:
+def _save(model: Any, save_directory: PathLikeStr, transport_type: Any,
+          storage_type: ShardStorageType, *, max_shard_size: Union[int, str],
+          filename_pattern: str, metadata: Optional[Mapping[str, str]],
+          dtype: Optional[torch.dtype], fsync: bool, process_group: Optional[ProcessGroup],
+          writer_ranks: Optional[Sequence[int]], progress: bool, config: Any = _FROM_MODEL,
+          feed_type: Any = None) -> str:
     """save_model_streaming with the transport and the storage given (the
     classes; the tests give failing and recording ones). `config`: the
     config files to write (hf_config.ConfigFiles, or None for none) when
@@ -214,17 +227,21 @@ def _save(model, save_directory, transport_type, storage_type, *, max_shard_size
                             lambda: part.finish(committed))
     finally:
         part.release()
-    return written[part.coordinator]
+    index = written[part.coordinator]
+    if index is None:  # the coordinator's finish() returns its path
+        raise RuntimeError(f"rank {part.coordinator}, the first writer, returned no index")
+    return index
 
 
-def storage_for(save_directory, storage_options: Optional[Mapping[str, Any]], part_size: int,
-                concurrency: int):
+def storage_for(save_directory: PathLikeStr, storage_options: Optional[Mapping[str, Any]],
+                part_size: int, concurrency: int) -> ShardStorageType:
     """The storage class of a destination: files in a folder, or objects
     under a URL's prefix (with the object store's options)."""
     if url_protocol(os.fspath(save_directory), "save_directory") is not None:
         from .object_storage import object_storage
 
-        return object_storage(storage_options, part_size, concurrency)
+        objects: ShardStorageType = object_storage(storage_options, part_size, concurrency)
+        return objects
     if storage_options is not None:
         raise ValueError(
             f"storage_options applies to URLs (s3://...), but {save_directory!r} is a local path."
@@ -234,14 +251,14 @@ def storage_for(save_directory, storage_options: Optional[Mapping[str, Any]], pa
 
 def save_model_streaming(
     model: Union[torch.nn.Module, Mapping[str, torch.Tensor]],
-    save_directory: Union[str, os.PathLike],
+    save_directory: PathLikeStr,
     *,
     max_shard_size: Union[int, str] = "5GB",
     filename_pattern: str = "model{suffix}.safetensors",
     metadata: Optional[Mapping[str, str]] = None,
     dtype: Optional[torch.dtype] = None,
     fsync: bool = False,
-    process_group=None,
+    process_group: Optional[ProcessGroup] = None,
     writer_ranks: Optional[Sequence[int]] = None,
     progress: bool = False,
     storage_options: Optional[Mapping[str, Any]] = None,

@@ -10,24 +10,55 @@ writes without patching the core."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from typing import Any, Callable, Optional, Protocol
 
-from typing import Callable, Optional
+import torch
 
 from .._sharded import ShardPlan, _finish_sharded, _sharded_writer
+
+
+class ShardStorage(Protocol):
+    """Where one rank's shard files of a distributed save land (a folder:
+    ShardFiles; objects under a URL's prefix: object_storage.ShardObjects).
+    Made as ``storage_type(plan, directory, filenames, metadata, fsync)``;
+    the save's phases call its methods in this order."""
+
+    def write(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Pulls every (name, tensor) of `items` (this rank's files' tensors,
+        in plan order); writes the files, none of them visible yet."""
+
+    def commit(self) -> dict[str, int]:
+        """Makes this rank's files visible; returns each one's size by name."""
+
+    def abort(self) -> None:
+        """Removes what write() made that commit() did not publish."""
+
+    def finish(self, committed: dict[int, dict[str, int]]) -> str:
+        """On the first writer rank, once every rank committed (`committed`:
+        each rank's commit()): the index; returns its path or URL."""
+
+    def save_config(self, config: Any) -> None:
+        """config.json (and generation_config.json): hf_config.ConfigFiles."""
+
+
+#: What the save is given: a class (or a factory with the same call).
+ShardStorageType = Callable[[ShardPlan, str, list[str], Optional[list[tuple[str, str]]], bool],
+                            ShardStorage]
 
 
 class ShardFiles:
     """`filenames` of `plan`, written by this rank into `directory`."""
 
-    def __init__(self, plan: ShardPlan, directory: str, filenames: list[str], metadata,
-                 fsync: bool):
+    def __init__(self, plan: ShardPlan, directory: str, filenames: list[str],
+                 metadata: Optional[list[tuple[str, str]]], fsync: bool) -> None:
         self._plan = plan
         self._directory = directory
         self._metadata = metadata
         self._fsync = fsync
         self._writer = _sharded_writer(plan, directory, filenames, metadata, fsync)
 
-    def write(self, items) -> None:
+    def write(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Pulls every (name, tensor) of `items`; writes the files under
         temporary names."""
         self._writer.write(items)
@@ -56,7 +87,7 @@ class ShardFiles:
             )
         return _finish_sharded(self._plan, self._directory, self._metadata, self._fsync)
 
-    def save_config(self, config) -> None:
+    def save_config(self, config: Any) -> None:
         """config.json (and generation_config.json): hf_config.ConfigFiles."""
         config.save(self._directory)
 
@@ -78,7 +109,7 @@ def not_visible(committed: dict[int, dict[str, int]],
     return missing
 
 
-def _size(path: str):
+def _size(path: str) -> Optional[int]:
     """The size of the file at `path`, or None if there is none. Opened
     rather than stat()ed: opening makes a network filesystem (NFS) fetch
     the file's current attributes instead of cached ones."""
