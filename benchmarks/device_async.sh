@@ -41,23 +41,9 @@ START=$SECONDS
 BUDGET="${TSS_DEVICE_BUDGET_S:-540}"
 
 exec > >(tee -a "$OUT/device.log") 2>&1
-say() { echo "[$((SECONDS - START)) s] $*"; }
-left() { echo $((BUDGET - (SECONDS - START))); }
-# Runs "$@" with at most $1 seconds (capped by what is left), or skips it.
-stage() {
-  local limit="$1"
-  shift
-  local allowed
-  allowed=$(left)
-  [ "$allowed" -gt "$limit" ] && allowed="$limit"
-  if [ "$allowed" -lt 20 ]; then
-    say "SKIPPED (only $(left) s left): $*"
-    return 0
-  fi
-  say "start (limit ${allowed} s): $*"
-  timeout --signal=INT --kill-after=10 "$allowed" "$@"
-  say "exit status $?: $1 ..."
-}
+MIN_STAGE_S=20
+# shellcheck source=benchmarks/device_stages.sh
+source "$ROOT/benchmarks/device_stages.sh"
 
 say "$(date -u +%Y-%m-%dT%H:%MZ) machine: $(nproc) CPUs, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, dry run: $DRY"
 nvidia-smi -L 2>&1 | head -2

@@ -33,23 +33,8 @@ BUDGET="${TSS_DEVICE_BUDGET_S:-500}"  # seconds this script may take in all
 MIB="${TSS_DEVICE_MIB:-8192}"          # size of each benchmark's save
 
 exec > >(tee -a "$OUT/device.log") 2>&1
-say() { echo "[$((SECONDS - START)) s] $*"; }
-left() { echo $((BUDGET - (SECONDS - START))); }
-# Runs "$@" with at most $1 seconds (capped by what is left), or skips it.
-stage() {
-  local limit="$1"
-  shift
-  local allowed
-  allowed=$(left)
-  [ "$allowed" -gt "$limit" ] && allowed="$limit"
-  if [ "$allowed" -lt 30 ]; then
-    say "SKIPPED (only $(left) s left): $*"
-    return 0
-  fi
-  say "start (limit ${allowed} s): $*"
-  timeout --signal=INT --kill-after=10 "$allowed" "$@"
-  say "exit status $?: $1 ..."
-}
+# shellcheck source=benchmarks/device_stages.sh
+source "$ROOT/benchmarks/device_stages.sh"
 
 say "machine: $(nproc) CPUs, $(free -g | awk '/Mem:/ {print $2}') GiB RAM"
 nvidia-smi -L 2>&1 | head -2
